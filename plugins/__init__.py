@@ -1,0 +1,14 @@
+"""plugins: what a Flax trainer wires together, built from one ml_collections config.
+
+Modules (import the one you need; none imports the others' heavy dependencies):
+
+- ``plugins.optim``      optax optimizers from config (clipping, weight decay, freezing, groups,
+                         accumulation, EMA, non-finite skipping).
+- ``plugins.schedules``  learning-rate schedules from config.
+- ``plugins.masks``      canonical parameter paths, predicates, label trees, partition, summary.
+- ``plugins.losses``     losses from config, accuracy helpers.
+- ``plugins.data``       the offline ``digits`` tfds dataset and deterministic input pipelines.
+- ``plugins.sharding``   pmap and mesh placement, single- and multi-host.
+"""
+
+__version__ = "0.1.0"

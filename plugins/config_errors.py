@@ -1,0 +1,50 @@
+"""Config checking shared by every ``create()``: one clear ``ValueError`` naming the key."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the key and the nearest valid choices."""
+
+
+def nearest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """Returns up to ``n`` of ``choices`` closest to ``name`` (best first)."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    if not close:
+        lowered = name.lower()
+        close = [c for c in choices if lowered in c.lower() or c.lower() in lowered][:n]
+    return close
+
+
+def unknown(what: str, key: str, name: Any, choices: Iterable[str]) -> ConfigError:
+    """Builds the error for an unknown name: ``unknown optimizer 'adamm' at optimizer.name
+    (did you mean 'adam', 'adamw'?); valid: ...``."""
+    choices = sorted(set(choices))
+    close = nearest(str(name), choices)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    listing = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", ..."
+    return ConfigError(f"unknown {what} {name!r} at {key}{hint}; valid: {listing}")
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """Returns a plain dict view of a ConfigDict, FrozenConfigDict, mapping or ``None``."""
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise ConfigError(f"expected a dict or ConfigDict, got {type(config).__name__}: {config!r}")
+
+
+def check_keys(config: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
+    """Raises ``ConfigError`` for the first key of ``config`` not in ``valid``."""
+    valid = set(valid)
+    for key in config:
+        if key not in valid:
+            raise unknown("key", f"{where}.{key}", key, valid)
