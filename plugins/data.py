@@ -1,0 +1,407 @@
+"""Deterministic, per-process, resumable input pipelines over tfds datasets.
+
+Importing this module registers the offline ``digits`` tfds builder (see ``plugins.digits``).
+
+The pipelines read a split once into numpy arrays (``load_split``) and batch it with index
+permutations, which is exact, cheap and fast for datasets that fit in memory (digits, mnist,
+cifar10, ...):
+
+- ``train_iterator`` shuffles the whole split by ``(seed, epoch)`` and cuts every epoch into global
+  batches of ``batch_size * process_count`` examples; process ``p`` yields the ``p``-th slice of
+  each global batch. So the processes see disjoint examples whose union is the epoch (less the
+  remainder of ``n % global_batch``, dropped), and the global batch -- the concatenation of the
+  process batches in process order, as ``jax.make_array_from_process_local_data`` builds it --
+  depends only on ``seed`` and the global batch size, not on how many processes share it.
+  ``start_step=k`` jumps straight to batch ``k``.
+- ``eval_iterator`` gives process ``p`` a contiguous part of the split, pads the last batch and
+  marks padding with ``mask=False``; every process yields the same number of batches.
+
+Batches are dicts of numpy arrays: ``image`` float32 in [0, 1] ``(B, H, W, C)``, ``label`` int32
+``(B,)``, and for evaluation ``mask`` bool ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from plugins import config_errors
+from plugins.digits import Digits
+
+__all__ = [
+    "Digits",
+    "load_split",
+    "num_examples",
+    "steps_per_epoch",
+    "train_iterator",
+    "eval_iterator",
+    "num_eval_batches",
+    "Prefetch",
+    "clear_cache",
+]
+
+Batch = dict[str, np.ndarray]
+
+_CACHE_SIZE = 4
+_cache: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+@functools.cache
+def _hide_accelerators_from_tf() -> None:
+    """Keeps TensorFlow (used only to read tfds files) off GPUs/TPUs, which belong to JAX."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):  # Devices already initialised, or no such device type.
+        pass
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """Returns the tfds builder of ``name``; an unknown name raises ``ConfigError``."""
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        base = name.split(":")[0].split("/")[0]
+        choices = tfds.list_builders(with_community_datasets=False)
+        raise config_errors.unknown("dataset", "dataset", base, choices) from None
+
+
+def clear_cache() -> None:
+    """Forgets the splits that ``load_split`` keeps in memory."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Reads a whole tfds split into memory, preparing the dataset first if needed.
+
+    Args:
+      name: tfds dataset name, optionally with config/version (``'digits'``, ``'mnist:3.*.*'``).
+      split: a split name or tfds split expression (``'train'``, ``'train[:90%]'``).
+      data_dir: tfds data directory (``None``: tfds' default, ``~/tensorflow_datasets``).
+
+    Returns:
+      ``{'image': array (N, H, W, C) as stored (usually uint8), 'label': int32 (N,)}`` in the
+      split's deterministic tfds order. The arrays are read-only; splits of prepared datasets are
+      cached in memory (a few at most), so repeated evaluation does not re-read files.
+
+    Raises:
+      ValueError: unknown dataset or split, an empty split, or no ``image``/``label`` features.
+    """
+    builder = _builder(name, data_dir)
+    key = (name, split, str(builder.data_dir))
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+
+    _hide_accelerators_from_tf()
+    builder.download_and_prepare()
+    splits = builder.info.splits
+    expected = None
+    if splits:  # Empty before preparation and under tfds.testing.mock_data: accept any split.
+        try:
+            expected = splits[split].num_examples
+        except (KeyError, ValueError):
+            raise config_errors.unknown(
+                "split", f"dataset {name!r}", split, list(splits.keys())
+            ) from None
+    features = builder.info.features
+    missing = [k for k in ("image", "label") if k not in features]
+    if missing:
+        raise ValueError(
+            f"dataset {name!r} has no {' or '.join(map(repr, missing))} feature; "
+            f"its features are {sorted(features.keys())}"
+        )
+
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]}).batch(8192)
+    parts = list(tfds.as_numpy(ds))
+    if not parts:
+        raise ValueError(f"split {split!r} of dataset {name!r} is empty")
+    data = {
+        "image": np.concatenate([p["image"] for p in parts]),
+        "label": np.concatenate([p["label"] for p in parts]).astype(np.int32),
+    }
+    for array in data.values():
+        array.setflags(write=False)
+    # Cache only what tfds' own metadata vouches for: never mock data (tfds.testing.mock_data
+    # leaves info.splits empty or with counts that do not match what it generates).
+    if expected == len(data["label"]):
+        with _cache_lock:
+            _cache[key] = data
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    return data
+
+
+def num_examples(name: str, split: str = "train", *, data_dir: str | None = None) -> int:
+    """Returns the number of examples in ``split``, counted from the data actually read."""
+    return len(load_split(name, split, data_dir=data_dir)["label"])
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Fills in ``jax.process_index()``/``jax.process_count()`` and checks the pair."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} must be in [0, process_count={process_count})"
+        )
+    return int(process_index), int(process_count)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+    """Integer images scaled to float32 [0, 1]; float images as float32."""
+    if np.issubdtype(images.dtype, np.integer):
+        return images.astype(np.float32) * np.float32(1.0 / np.iinfo(images.dtype).max)
+    return images.astype(np.float32, copy=False)
+
+
+def _global_steps_per_epoch(n: int, batch_size: int, process_count: int, name: str, split: str):
+    global_batch = batch_size * process_count
+    if n < global_batch:
+        raise ValueError(
+            f"split {split!r} of dataset {name!r} has {n} examples, {n // process_count} per "
+            f"process: fewer than one batch of {batch_size} (over {process_count} process(es))"
+        )
+    return n // global_batch
+
+
+def steps_per_epoch(
+    name: str,
+    *,
+    batch_size: int,
+    split: str = "train",
+    data_dir: str | None = None,
+    process_count: int | None = None,
+) -> int:
+    """Returns the number of ``train_iterator`` batches per epoch (the remainder is dropped)."""
+    _check_batch_size(batch_size)
+    _, process_count = _processes(0, process_count)
+    n = num_examples(name, split, data_dir=data_dir)
+    return _global_steps_per_epoch(n, batch_size, process_count, name, split)
+
+
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, epoch]).permutation(n)
+
+
+def _train_batches(
+    data: dict[str, np.ndarray],
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    steps: int,
+) -> Iterator[Batch]:
+    n = len(data["label"])
+    global_batch = batch_size * process_count
+    epoch, step_in_epoch = divmod(start_step, steps)
+    while True:
+        perm = _permutation(seed, epoch, n)
+        for s in range(step_in_epoch, steps):
+            start = s * global_batch + process_index * batch_size
+            idx = perm[start : start + batch_size]
+            yield {"image": _to_float(data["image"][idx]), "label": data["label"][idx]}
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+class _Done:
+    """End-of-stream marker passed through the prefetch queue, carrying an error if any."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def _produce(source: Iterator[Any], q: queue.Queue, stop: threading.Event) -> None:
+    """Prefetch thread body; references no iterator object so that one can be collected."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for item in source:
+            if not put(item):
+                return
+    except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer.
+        put(_Done(e))
+    else:
+        put(_Done())
+
+
+class Prefetch(Iterator[Any]):
+    """Iterates ``source`` in a daemon thread, ``size`` items ahead. ``close()`` stops it."""
+
+    def __init__(self, source: Iterator[Any], size: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._done: _Done | None = None
+        threading.Thread(
+            target=_produce, args=(source, self._queue, self._stop), daemon=True
+        ).start()
+
+    def __next__(self) -> Any:
+        if self._done is None:
+            item = self._queue.get()
+            if not isinstance(item, _Done):
+                return item
+            self._done = item
+        if self._done.error is not None:
+            error, self._done.error = self._done.error, None
+            raise error
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stops the background thread (it exits within 0.1 s)."""
+        self._stop.set()
+        self._done = self._done or _Done()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def train_iterator(
+    name: str,
+    *,
+    batch_size: int,
+    seed: int,
+    split: str = "train",
+    data_dir: str | None = None,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Returns an infinite iterator of shuffled training batches for this process.
+
+    Each epoch is a permutation of the whole split drawn from ``(seed, epoch)``, cut into global
+    batches of ``batch_size * process_count`` examples (the remainder is dropped); this process
+    yields slice ``process_index`` of every global batch. The processes' examples are thus disjoint
+    and together cover the epoch, and concatenating the process batches in process order gives
+    the same global batches whatever the number of processes.
+
+    Args:
+      name: tfds dataset name (``'digits'``, ``'mnist'``, ``'cifar10'``, ...).
+      batch_size: examples per batch on this process (the per-process batch).
+      seed: shuffle seed; the same seed gives the same batches.
+      split: tfds split or split expression.
+      data_dir: tfds data directory.
+      start_step: the first batch to yield: batches ``start_step, start_step + 1, ...`` of an
+        iterator started at 0, computed directly (no replay) -- for resuming from a checkpoint.
+      process_index: this process (default ``jax.process_index()``).
+      process_count: number of processes (default ``jax.process_count()``).
+      prefetch: batches prepared ahead in a background thread (0: none, batches made on demand).
+
+    Returns:
+      An iterator of ``{'image': float32 [0, 1] (B, H, W, C), 'label': int32 (B,)}``; with
+      ``prefetch`` it has a ``close()`` that stops its thread.
+
+    Raises:
+      ValueError: unknown dataset or split, ``batch_size <= 0``, ``start_step < 0``, a bad
+        process index, or fewer than ``batch_size`` examples per process.
+    """
+    _check_batch_size(batch_size)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    process_index, process_count = _processes(process_index, process_count)
+    data = load_split(name, split, data_dir=data_dir)
+    steps = _global_steps_per_epoch(len(data["label"]), batch_size, process_count, name, split)
+    batches = _train_batches(
+        data,
+        batch_size=batch_size,
+        seed=seed,
+        start_step=int(start_step),
+        process_index=process_index,
+        process_count=process_count,
+        steps=steps,
+    )
+    return Prefetch(batches, prefetch) if prefetch > 0 else batches
+
+
+def num_eval_batches(n: int, *, batch_size: int, process_count: int) -> int:
+    """Returns how many batches ``eval_iterator`` yields on every process for a split of ``n``."""
+    return math.ceil(math.ceil(n / process_count) / batch_size)
+
+
+def eval_iterator(
+    name: str,
+    *,
+    batch_size: int,
+    split: str = "test",
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """Returns a finite iterator over this process's part of ``split``, each example once.
+
+    Process ``p`` of ``P`` takes the contiguous examples ``[p * n // P, (p + 1) * n // P)`` in
+    tfds order. Batches are padded to ``batch_size`` with zeros and ``mask=False``; every process
+    yields ``ceil(ceil(n / P) / batch_size)`` batches (all-padding ones where its part is shorter),
+    so collectives across processes stay in step.
+
+    Args:
+      name: tfds dataset name.
+      batch_size: examples per batch on this process.
+      split: tfds split or split expression.
+      data_dir: tfds data directory.
+      process_index: this process (default ``jax.process_index()``).
+      process_count: number of processes (default ``jax.process_count()``).
+
+    Returns:
+      An iterator of ``{'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}``.
+
+    Raises:
+      ValueError: unknown dataset or split, ``batch_size <= 0`` or a bad process index.
+    """
+    _check_batch_size(batch_size)
+    process_index, process_count = _processes(process_index, process_count)
+    data = load_split(name, split, data_dir=data_dir)
+    n = len(data["label"])
+    lo, hi = process_index * n // process_count, (process_index + 1) * n // process_count
+    count = num_eval_batches(n, batch_size=batch_size, process_count=process_count)
+    return _eval_batches(data, lo, hi, batch_size, count)
+
+
+def _eval_batches(
+    data: dict[str, np.ndarray], lo: int, hi: int, batch_size: int, count: int
+) -> Iterator[Batch]:
+    images, labels = data["image"], data["label"]
+    for b in range(count):
+        start = min(lo + b * batch_size, hi)
+        stop = min(start + batch_size, hi)
+        real, pad = stop - start, batch_size - (stop - start)
+        image = _to_float(images[start:stop])
+        label = labels[start:stop].copy()
+        if pad:
+            image = np.concatenate([image, np.zeros((pad, *images.shape[1:]), np.float32)])
+            label = np.concatenate([label, np.zeros(pad, np.int32)])
+        mask = np.arange(batch_size) < real
+        yield {"image": image, "label": label, "mask": mask}
