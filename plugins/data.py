@@ -264,9 +264,13 @@ class Prefetch(Iterator[Any]):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
         self._done: _Done | None = None
-        threading.Thread(
-            target=_produce, args=(source, self._queue, self._stop), daemon=True
-        ).start()
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(source, self._queue, self._stop),
+            name="plugins.data.prefetch",
+            daemon=True,
+        )
+        self._thread.start()
 
     def __next__(self) -> Any:
         if self._done is None:

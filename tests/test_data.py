@@ -1,0 +1,311 @@
+"""Tests of plugins.data: the offline digits builder and the deterministic input pipelines."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from plugins import config_errors, data, digits
+
+N_TRAIN, N_TEST = 1438, 359
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    """A data_dir with digits prepared once for the module."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    tfds.builder("digits", data_dir=path).download_and_prepare()
+    return path
+
+
+def ids(images: np.ndarray) -> list[bytes]:
+    """Identifies digits examples by their pixels (all 1797 images are distinct)."""
+    pixels = np.round(np.asarray(images) * 255).astype(np.uint8)
+    return [p.tobytes() for p in pixels]
+
+
+def take(iterator, count: int) -> list[dict]:
+    batches = list(itertools.islice(iterator, count))
+    if hasattr(iterator, "close"):
+        iterator.close()
+    return batches
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+# ------------------------------------------------------------------------------- the builder
+
+
+def test_builder_through_tfds_builder_and_load(data_dir):
+    builder = tfds.builder("digits", data_dir=data_dir)
+    assert builder.version == digits.Digits.VERSION
+    assert builder.info.splits["train"].num_examples == N_TRAIN
+    assert builder.info.splits["test"].num_examples == N_TEST
+    assert builder.info.features["label"].num_classes == 10
+    assert builder.info.citation and builder.info.description
+
+    train = tfds.as_numpy(tfds.load("digits", split="train", data_dir=data_dir, batch_size=-1))
+    test = tfds.as_numpy(tfds.load("digits", split="test", data_dir=data_dir, batch_size=-1))
+    assert train["image"].shape == (N_TRAIN, 8, 8, 1) and train["image"].dtype == np.uint8
+    assert len(test["label"]) == N_TEST and N_TRAIN + N_TEST == 1797
+    assert train["image"].max() == 255 and train["image"].min() == 0
+    assert set(np.unique(train["label"])) == set(range(10))
+    assert set(np.unique(test["label"])) == set(range(10))
+
+
+def test_split_is_fixed_stratified_and_matches_sklearn(data_dir):
+    bunch = load_digits()
+    indices = digits.split_indices(bunch.target)
+    again = digits.split_indices(bunch.target)
+    for name in ("train", "test"):
+        np.testing.assert_array_equal(indices[name], again[name])
+    assert len(indices["train"]) == N_TRAIN and len(indices["test"]) == N_TEST
+    assert not set(indices["train"]) & set(indices["test"])
+    for label in range(10):  # Stratified: every class is ~20% test.
+        count = np.sum(bunch.target == label)
+        assert np.sum(bunch.target[indices["test"]] == label) == round(0.2 * count)
+
+    # The prepared split holds exactly those sklearn examples, pixels scaled by 255/16.
+    for name in ("train", "test"):
+        split = data.load_split("digits", name, data_dir=data_dir)
+        expected = np.round(bunch.images[indices[name]] * 255 / 16).astype(np.uint8)[..., None]
+        by_pixels = {
+            img.tobytes(): int(lab)
+            for img, lab in zip(expected, bunch.target[indices[name]], strict=True)
+        }
+        got = {
+            img.tobytes(): int(lab) for img, lab in zip(split["image"], split["label"], strict=True)
+        }
+        assert got == by_pixels
+
+
+def test_preparation_is_deterministic(data_dir, tmp_path):
+    other = data.load_split("digits", "train", data_dir=str(tmp_path))
+    mine = data.load_split("digits", "train", data_dir=data_dir)
+    np.testing.assert_array_equal(other["image"], mine["image"])
+    np.testing.assert_array_equal(other["label"], mine["label"])
+    assert data.num_examples("digits", "test", data_dir=data_dir) == N_TEST
+
+
+# ------------------------------------------------------------------------------ train batches
+
+
+def train(data_dir, count, **kwargs):
+    kwargs = {"batch_size": 128, "seed": 0, "process_index": 0, "process_count": 1} | kwargs
+    return take(data.train_iterator("digits", data_dir=data_dir, **kwargs), count)
+
+
+def test_train_batches_shape_dtype_range(data_dir):
+    for batch in train(data_dir, 3):
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (128, 8, 8, 1) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (128,) and batch["label"].dtype == np.int32
+        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert batch["image"].max() == 1.0
+        assert 0 <= batch["label"].min() and batch["label"].max() <= 9
+
+
+def test_default_processes_come_from_jax(data_dir):
+    explicit = train(data_dir, 2)
+    default = take(data.train_iterator("digits", batch_size=128, seed=0, data_dir=data_dir), 2)
+    assert_same_batches(explicit, default)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(data_dir):
+    assert_same_batches(train(data_dir, 4), train(data_dir, 4))
+    assert_same_batches(train(data_dir, 4, prefetch=0), train(data_dir, 4))
+    a, b = train(data_dir, 1)[0], train(data_dir, 1, seed=1)[0]
+    assert ids(a["image"]) != ids(b["image"])
+
+
+def test_each_epoch_is_a_new_permutation_without_repeats(data_dir):
+    steps = N_TRAIN // 128
+    assert data.steps_per_epoch("digits", batch_size=128, data_dir=data_dir, process_count=1) == 11
+    batches = train(data_dir, 2 * steps)
+    epochs = [
+        [i for b in batches[e * steps : (e + 1) * steps] for i in ids(b["image"])] for e in range(2)
+    ]
+    for epoch in epochs:
+        assert len(epoch) == len(set(epoch)) == steps * 128  # No example twice in an epoch.
+    assert epochs[0] != epochs[1]  # Reshuffled...
+    assert len(set(epochs[0]) & set(epochs[1])) > 0.8 * steps * 128  # ...over the same split.
+
+
+@pytest.mark.parametrize("start_step", [1, 10, 11, 12, 25])  # 11 steps per epoch.
+def test_resume_yields_the_batches_of_an_uninterrupted_run(data_dir, start_step):
+    uninterrupted = train(data_dir, start_step + 4)
+    resumed = train(data_dir, 4, start_step=start_step)
+    assert_same_batches(uninterrupted[start_step:], resumed)
+
+
+def test_resume_with_two_processes(data_dir):
+    for p in (0, 1):
+        kw = {"batch_size": 32, "process_index": p, "process_count": 2}
+        assert_same_batches(train(data_dir, 30, **kw)[24:], train(data_dir, 6, start_step=24, **kw))
+
+
+def test_processes_get_disjoint_examples_covering_each_epoch(data_dir):
+    batch, steps = 64, N_TRAIN // 128  # 2 processes x 64 = 128 per global batch.
+    per_process = [
+        train(data_dir, 2 * steps, batch_size=batch, process_index=p, process_count=2)
+        for p in (0, 1)
+    ]
+    everything = set(ids(data.load_split("digits", "train", data_dir=data_dir)["image"] / 255))
+    for e in range(2):
+        seen = [
+            [i for b in per_process[p][e * steps : (e + 1) * steps] for i in ids(b["image"])]
+            for p in (0, 1)
+        ]
+        assert len(set(seen[0])) == len(seen[0]) == steps * batch
+        assert not set(seen[0]) & set(seen[1])
+        union = set(seen[0]) | set(seen[1])
+        assert union <= everything and len(everything - union) == N_TRAIN % 128
+
+    # The global batch (process batches concatenated in order) does not depend on the topology.
+    single = train(data_dir, 2 * steps, batch_size=128)
+    for step in range(2 * steps):
+        glued = np.concatenate([per_process[p][step]["image"] for p in (0, 1)])
+        np.testing.assert_array_equal(glued, single[step]["image"])
+
+
+# ------------------------------------------------------------------------------- eval batches
+
+
+@pytest.mark.parametrize(
+    "process_count,batch_size", [(1, 128), (2, 128), (3, 32), (2, 500), (2, 179), (3, 119)]
+)
+def test_eval_sees_every_example_once_with_equal_batch_counts(data_dir, process_count, batch_size):
+    runs = [
+        list(
+            data.eval_iterator(
+                "digits",
+                batch_size=batch_size,
+                data_dir=data_dir,
+                process_index=p,
+                process_count=process_count,
+            )
+        )
+        for p in range(process_count)
+    ]
+    expected = data.num_eval_batches(N_TEST, batch_size=batch_size, process_count=process_count)
+    assert [len(r) for r in runs] == [expected] * process_count
+    seen, masked = [], 0
+    for batches in runs:
+        for b in batches:
+            assert b["image"].shape == (batch_size, 8, 8, 1) and b["image"].dtype == np.float32
+            assert b["label"].dtype == np.int32 and b["mask"].dtype == bool
+            assert b["mask"].shape == (batch_size,)
+            seen += ids(b["image"][b["mask"]])
+            masked += int(b["mask"].sum())
+            assert not b["image"][~b["mask"]].any()  # Padding is zeros.
+    assert masked == N_TEST
+    test_split = data.load_split("digits", "test", data_dir=data_dir)
+    assert sorted(seen) == sorted(ids(test_split["image"] / 255))
+
+
+def test_eval_batches_follow_split_order(data_dir):
+    split = data.load_split("digits", "test", data_dir=data_dir)
+    batches = list(data.eval_iterator("digits", batch_size=100, data_dir=data_dir))
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(labels, split["label"])
+    assert [int(b["mask"].sum()) for b in batches] == [100, 100, 100, 59]
+
+
+# ------------------------------------------------------------------- other datasets (mocked)
+
+
+@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_mock_tfds_datasets(tmp_path, name, shape):
+    with tfds.testing.mock_data(num_examples=40):
+        batches = take(
+            data.train_iterator(
+                name,
+                batch_size=16,
+                seed=0,
+                data_dir=str(tmp_path),
+                process_index=0,
+                process_count=1,
+            ),
+            4,  # 2 per epoch: crosses an epoch.
+        )
+        evals = list(data.eval_iterator(name, batch_size=16, data_dir=str(tmp_path)))
+        assert data.num_examples(name, "train", data_dir=str(tmp_path)) == 40
+    for b in batches:
+        assert b["image"].shape == (16, *shape) and b["image"].dtype == np.float32
+        assert b["label"].shape == (16,) and b["label"].dtype == np.int32
+        assert 0 <= b["image"].min() and b["image"].max() <= 1
+    assert len(evals) == 3 and sum(int(b["mask"].sum()) for b in evals) == 40
+    assert evals[0]["image"].shape == (16, *shape)
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_dataset_suggests_the_nearest(data_dir):
+    with pytest.raises(config_errors.ConfigError, match=r"unknown dataset 'digitz'.*'digits'"):
+        data.train_iterator("digitz", batch_size=8, seed=0, data_dir=data_dir)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.eval_iterator("no_such_dataset_at_all", batch_size=8, data_dir=data_dir)
+
+
+def test_unknown_split(data_dir):
+    with pytest.raises(ValueError, match=r"unknown split 'tset'.*did you mean 'test'"):
+        data.eval_iterator("digits", batch_size=8, split="tset", data_dir=data_dir)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+def test_bad_batch_size(data_dir, batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        data.train_iterator("digits", batch_size=batch_size, seed=0, data_dir=data_dir)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        data.eval_iterator("digits", batch_size=batch_size, data_dir=data_dir)
+
+
+def test_split_smaller_than_one_batch_per_process(data_dir):
+    with pytest.raises(ValueError, match="719 per process: fewer than one batch of 1000"):
+        data.train_iterator(
+            "digits", batch_size=1000, seed=0, data_dir=data_dir, process_index=0, process_count=2
+        )
+
+
+def test_bad_process_index_and_start_step(data_dir):
+    with pytest.raises(ValueError, match="process_index=2"):
+        data.eval_iterator(
+            "digits", batch_size=8, data_dir=data_dir, process_index=2, process_count=2
+        )
+    with pytest.raises(ValueError, match="start_step"):
+        data.train_iterator("digits", batch_size=8, seed=0, data_dir=data_dir, start_step=-1)
+
+
+# ------------------------------------------------------------------------------------ prefetch
+
+
+def test_prefetch_passes_items_and_errors_and_stops():
+    def source():
+        yield from range(5)
+        raise RuntimeError("boom")
+
+    it = data.Prefetch(source(), size=2)
+    assert [next(it) for _ in range(5)] == list(range(5))
+    with pytest.raises(RuntimeError, match="boom"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+    endless = data.Prefetch(itertools.count(), size=2)
+    assert next(endless) == 0 and next(endless) == 1
+    endless.close()
+    endless._thread.join(timeout=2)
+    assert not endless._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(endless)
