@@ -55,7 +55,9 @@ Defaults are shown; keys without one are required. ``peak`` is ``optimizer.learn
     ``peak`` multiplied by every scale whose boundary has been reached
     (``optax.piecewise_constant_schedule``): ``{'5000': 0.1, '8000': 0.1}`` gives ``peak``,
     ``peak / 10`` from step 5000, ``peak / 100`` from step 8000. Keys may be ints or strings
-    (ml_collections only allows string keys); ``'0.5'`` is half of training.
+    (a ConfigDict only allows string keys). Boundaries are steps, or fractions of ``total`` as
+    floats: ``boundaries=[0.5, 0.75], scales=[0.1, 0.1]`` (a ConfigDict refuses dotted keys
+    such as ``'0.5'``; a plain dict takes them).
 ``rsqrt`` (``warmup_steps=0``, ``timescale=warmup_steps``, ``init_value=0.0``)
     Linear warmup, then inverse square root decay
     ``peak / sqrt(1 + (step - warmup_steps) / timescale)``, which with the default timescale is
@@ -603,6 +605,8 @@ def _join_schedule(r: _Reader, peak: float) -> optax.Schedule:
     if len(phases) == 0:
         raise ConfigError(f"{r.key('phases')} is empty: give at least one phase")
     phases = [_as_schedule_dict(p, f"{r.key('phases')}[{i}]") for i, p in enumerate(phases)]
+    for i, phase in enumerate(phases):  # names and keys first: a typo beats a length complaint
+        _check_name_and_keys(phase, f"{r.key('phases')}[{i}]", _PHASE_KEYS)
     lengths: list[int | None] = []
     raw_sum = 0.0
     for i, phase in enumerate(phases):
@@ -686,6 +690,12 @@ def _build(
     where: str,
     extra_keys: tuple[str, ...] = (),
 ) -> optax.Schedule:
+    name = _check_name_and_keys(config, where, extra_keys)
+    return _BUILDERS[name](_Reader(config, where, total), peak)
+
+
+def _check_name_and_keys(config: dict[str, Any], where: str, extra_keys: tuple[str, ...]) -> str:
+    """Checks the schedule name and keys of ``config``; returns the canonical name."""
     name = config.get("name")
     if name is None:
         raise ConfigError(f"missing key {where}.name: one of {', '.join(NAMES)}")
@@ -693,7 +703,7 @@ def _build(
         raise unknown("schedule", f"{where}.name", name, NAMES)
     name = ALIASES.get(name, name)
     check_keys(config, ("name",) + _KEYS[name] + extra_keys, where)
-    return _BUILDERS[name](_Reader(config, where, total), peak)
+    return name
 
 
 # ----------------------------------------------------------------------------------------------
