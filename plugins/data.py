@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -99,13 +100,16 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
     Raises:
       ValueError: unknown dataset or split, an empty split, or no ``image``/``label`` features.
     """
-    builder = _builder(name, data_dir)
-    key = (name, split, str(builder.data_dir))
+    # Keyed by the arguments (and tfds' default-dir variable), so that a hit skips even
+    # tfds.builder, which re-reads the dataset's metadata files.
+    where = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None
+    key = (name, split, where, os.environ.get("TFDS_DATA_DIR"))
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
 
+    builder = _builder(name, data_dir)
     _hide_accelerators_from_tf()
     builder.download_and_prepare()
     splits = builder.info.splits

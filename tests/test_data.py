@@ -248,6 +248,18 @@ def test_mock_tfds_datasets(tmp_path, name, shape):
     assert evals[0]["image"].shape == (16, *shape)
 
 
+def test_prepared_splits_are_cached_read_only_but_mock_data_is_not(data_dir, tmp_path):
+    first = data.load_split("digits", "test", data_dir=data_dir)
+    assert data.load_split("digits", "test", data_dir=data_dir) is first
+    assert not first["image"].flags.writeable and not first["label"].flags.writeable
+    data.clear_cache()
+    assert data.load_split("digits", "test", data_dir=data_dir) is not first
+
+    for count in (20, 30):  # Same name and data_dir, different mocks: never a stale cache hit.
+        with tfds.testing.mock_data(num_examples=count):
+            assert data.num_examples("mnist", "test", data_dir=str(tmp_path)) == count
+
+
 # --------------------------------------------------------------------------------------- errors
 
 
