@@ -798,7 +798,8 @@ def text_plot(optimizer_config: Any, *, total_steps: int, width: int = 60, heigh
     lines.append(" " * pad + " +" + "-" * len(steps))
     first, last = "0", str(n - 1)
     gap = max(1, len(steps) - len(first) - len(last))
-    lines.append(" " * (pad + 2) + first + " " * gap + last + "  (step)")
+    ticks = first if n == 1 else first + " " * gap + last
+    lines.append(" " * (pad + 2) + ticks + "  (step)")
     return "\n".join(lines)
 
 
