@@ -1,0 +1,741 @@
+"""Optax optimizers from one config.
+
+``create(optimizer_config, *, total_steps)`` returns one ``optax.GradientTransformation`` built from
+an ``ml_collections`` config (or a plain dict)::
+
+    optimizer = dict(
+        name='adamw',              # any optax or optax.contrib optimizer ('muon', 'prodigy', ...)
+        learning_rate=1e-3,        # peak learning rate (required, > 0)
+        kwargs=dict(b2=0.95),      # further keyword args of that optax function (checked)
+        schedule=dict(name='warmup_cosine', warmup_steps=100, end_value=1e-5),
+        weight_decay=None,         # None: the optimizer's own default; a number: decoupled decay
+        weight_decay_mask='matrices',   # 'all' | 'matrices' (ndim >= 2) | list of path regexes
+        clip_global_norm=None,     # clip gradients by their global norm first
+        clip_value=None,           # clip every gradient element to [-v, v] first
+        accumulate_steps=1,        # optax.MultiSteps when > 1; schedules count optimizer steps
+        ema_decay=None,            # keep an EMA of the parameters (see eval_params)
+        skip_nonfinite=False,      # skip updates whose gradients hold NaN/Inf, and count them
+        freeze=[],                 # path regexes of parameters that never change (no state)
+        param_groups=[],           # dict(match=..., lr_mult=..., weight_decay=..., optimizer=...)
+    )
+
+The chain it builds, outermost first::
+
+    freeze partition -> apply_if_finite -> MultiSteps -> chain(clip_value, clip_global_norm,
+        [param_groups partition of] optimizer (+ decoupled weight decay), record LR, EMA)
+
+Each wrapper is only present when its key asks for it, so ``name='adamw'`` with a schedule *is*
+``optax.adamw(schedule)`` plus a tiny state that records the learning rate for logging.
+
+``name='muon'`` means Muon (``optax.contrib.muon``) for rank-2 weights that are not embeddings and
+AdamW for everything else (biases, norms, embeddings, conv kernels); ``kwargs`` prefixed ``adam_``
+(``adam_b1``, ``adam_b2``, ``adam_eps_root``, ``adam_learning_rate``, ``adam_weight_decay``) go to
+the AdamW part.
+
+Optimizers that need more than gradients at update time say so: ``extra_update_args(config)``
+names the arguments (``value`` for momo, ``obj_fn`` for sophia, ``value``/``grad``/``value_fn``
+for lbfgs) and the optimizer raises a clear error when they are missing. Wrappers take their
+inner optimizers as sub-configs: ``kwargs=dict(base_optimizer=dict(name='adam'))`` for
+``schedule_free``/``mechanize``/``galore``, ``kwargs=dict(optimizer=dict(...),
+adv_optimizer=dict(...))`` for ``sam``; a sub-config without ``learning_rate`` inherits the
+parent's learning rate and schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.contrib
+
+from plugins import masks, schedules
+from plugins.config_errors import ConfigError, as_dict, check_keys, unknown
+
+PyTree = Any
+
+TOP_KEYS = (
+    "name",
+    "learning_rate",
+    "kwargs",
+    "schedule",
+    "weight_decay",
+    "weight_decay_mask",
+    "clip_global_norm",
+    "clip_value",
+    "accumulate_steps",
+    "ema_decay",
+    "skip_nonfinite",
+    "freeze",
+    "param_groups",
+)
+SUB_KEYS = ("name", "learning_rate", "kwargs", "schedule", "weight_decay", "weight_decay_mask")
+GROUP_KEYS = ("name", "match", "lr_mult", "weight_decay", "weight_decay_mask", "optimizer")
+
+# Functions with an optimizer-like signature that are not optimizers.
+_NOT_OPTIMIZERS = {"selective_transform"}
+# Wrappers: their keyword args that are whole optimizers, given as sub-configs.
+_SUB_OPTIMIZER_ARGS = ("base_optimizer", "optimizer", "adv_optimizer")
+# Extra arguments of ``update`` some optimizers need beyond (updates, state, params).
+_EXTRA_ARGS = {
+    "momo": ("value",),
+    "momo_adam": ("value",),
+    "sophia": ("obj_fn",),
+    "lbfgs": ("value", "grad", "value_fn"),
+}
+_SCHEDULE_FREE = ("schedule_free", "schedule_free_adamw", "schedule_free_sgd")
+# Kwargs of optax.contrib.muon that configure its AdamW half; we route them to our AdamW part.
+_MUON_ADAM_KWARGS = {
+    "adam_b1": "b1",
+    "adam_b2": "b2",
+    "adam_eps_root": "eps_root",
+    "adam_weight_decay": "weight_decay",
+}
+_MAX_CONSECUTIVE_NONFINITE = 2**31 - 1  # skip forever; the count is what gets reported
+
+
+def _discover_optimizers() -> dict[str, Callable[..., optax.GradientTransformation]]:
+    """Every optax and optax.contrib function that builds an optimizer, by name."""
+    found: dict[str, Callable[..., optax.GradientTransformation]] = {}
+    for module in (optax, optax.contrib):
+        for name in dir(module):
+            fn = getattr(module, name)
+            if name.startswith(("_", "scale_by")) or name in _NOT_OPTIMIZERS:
+                continue
+            if not inspect.isfunction(fn):
+                continue
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                continue
+            if "learning_rate" in params or any(a in params for a in _SUB_OPTIMIZER_ARGS):
+                found.setdefault(name, fn)
+    found["muon"] = optax.contrib.muon
+    return found
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = _discover_optimizers()
+
+
+# ----------------------------------------------------------------------------- state pieces
+
+
+class LearningRateState(NamedTuple):
+    """State of :func:`record_learning_rate`: optimizer steps taken and the last LR used."""
+
+    count: jax.Array
+    learning_rate: jax.Array
+
+
+def record_learning_rate(schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Leaves updates unchanged and records ``schedule(count)`` so it can be logged."""
+
+    def init(params: PyTree) -> LearningRateState:
+        del params
+        return LearningRateState(jnp.zeros([], jnp.int32), jnp.asarray(schedule(0), jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        lr = jnp.asarray(schedule(state.count), jnp.float32)
+        return updates, LearningRateState(optax.safe_increment(state.count), lr)
+
+    return optax.GradientTransformation(init, update)
+
+
+class EmaParamsState(NamedTuple):
+    """State of :func:`ema_params`: the exponential moving average of the parameters."""
+
+    ema: PyTree
+
+
+def ema_params(decay: float) -> optax.GradientTransformation:
+    """Keeps ``ema = decay * ema + (1 - decay) * new_params`` (starting at the initial params).
+
+    Place it last in a chain: it sees the final updates and leaves them unchanged.
+    """
+
+    def init(params: PyTree) -> EmaParamsState:
+        return EmaParamsState(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema_decay needs the params: call update(grads, state, params)")
+        new_params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(
+            lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), state.ema, new_params
+        )
+        return updates, EmaParamsState(ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+class DecayState(NamedTuple):
+    """State of :func:`decoupled_weight_decay`: steps taken, for the learning-rate schedule."""
+
+    count: jax.Array
+
+
+def decoupled_weight_decay(
+    weight_decay: float, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+    """Adds ``-learning_rate(step) * weight_decay * param`` to the updates (AdamW-style decay for
+    optimizers that have no weight-decay argument). Mask it with ``optax.masked``."""
+
+    def init(params: PyTree) -> DecayState:
+        del params
+        return DecayState(jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight_decay needs the params: call update(grads, state, params)")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        updates = jax.tree.map(lambda u, p: u - lr * weight_decay * p, updates, params)
+        return updates, DecayState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def require_extra_args(
+    tx: optax.GradientTransformation, names: tuple[str, ...], optimizer_name: str
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``tx`` so that calling ``update`` without the keyword args ``names`` raises one clear
+    error (at trace time, so it costs nothing per step)."""
+    tx = optax.with_extra_args_support(tx)
+
+    def update(updates, state, params=None, **extra_args):
+        missing = [n for n in names if n not in extra_args]
+        if missing:
+            wanted = ", ".join(f"{n}=..." for n in names)
+            raise TypeError(
+                f"optimizer {optimizer_name!r} needs more than gradients: call "
+                f"update(grads, state, params, {wanted}); missing {', '.join(missing)}"
+            )
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One parameter group: which parameters, and what they get."""
+
+    label: str
+    predicate: masks.Predicate | None  # None: the default group (everything else)
+    lr_mult: float
+    config: dict[str, Any]  # a SUB_KEYS optimizer config
+
+
+def _number(cfg: Mapping[str, Any], key: str, where: str, *, positive: bool, allow_none: bool):
+    value = cfg.get(key)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{where}.{key} must be > 0, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{where}.{key} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def _patterns(value: Any, where: str) -> list[str] | masks.Predicate:
+    if callable(value):
+        return value
+    if isinstance(value, str):
+        value = [value]
+    value = list(value or [])
+    masks.compile_patterns(value, where)
+    return value
+
+
+def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -> dict[str, Any]:
+    """Validates a SUB_KEYS optimizer config; fills learning rate/schedule from ``parent``."""
+    check_keys(cfg, SUB_KEYS if parent is not None else TOP_KEYS, where)
+    cfg = dict(cfg)
+    if "name" not in cfg:
+        raise ConfigError(f"{where}.name is required (e.g. 'adamw')")
+    name = cfg["name"]
+    if not isinstance(name, str) or name not in OPTIMIZERS:
+        raise unknown("optimizer", f"{where}.name", name, OPTIMIZERS)
+    if parent is not None and "learning_rate" not in cfg:
+        cfg["learning_rate"] = parent["learning_rate"]
+        cfg.setdefault("schedule", parent.get("schedule"))
+    if "learning_rate" not in cfg:
+        raise ConfigError(f"{where}.learning_rate is required (the peak learning rate)")
+    _number(cfg, "learning_rate", where, positive=True, allow_none=False)
+    cfg["kwargs"] = as_dict(cfg.get("kwargs"))
+    cfg["weight_decay"] = _number(cfg, "weight_decay", where, positive=False, allow_none=True)
+    mask = cfg.get("weight_decay_mask", "matrices")
+    if mask not in ("all", "matrices"):
+        mask = _patterns(mask, f"{where}.weight_decay_mask")
+    cfg["weight_decay_mask"] = mask
+    _check_kwargs(cfg, where)
+    return cfg
+
+
+def _check_kwargs(cfg: dict[str, Any], where: str) -> None:
+    name, kwargs = cfg["name"], cfg["kwargs"]
+    params = inspect.signature(OPTIMIZERS[name]).parameters
+    valid = set(params) - {"learning_rate"}
+    if name == "muon":
+        valid |= {"adam_learning_rate"}
+    for key in kwargs:
+        if key == "learning_rate":
+            raise ConfigError(f"{where}.kwargs.learning_rate: set {where}.learning_rate instead")
+        if key in ("weight_decay", "weight_decay_rate"):
+            raise ConfigError(f"{where}.kwargs.{key}: set {where}.weight_decay instead")
+        if key in ("mask", "weight_decay_mask") and key in params:
+            raise ConfigError(f"{where}.kwargs.{key}: set {where}.weight_decay_mask instead")
+        if key not in valid:
+            raise unknown(f"argument of optax {name}()", f"{where}.kwargs.{key}", key, valid)
+    for key in _SUB_OPTIMIZER_ARGS:
+        if isinstance(kwargs.get(key), Mapping) or hasattr(kwargs.get(key), "to_dict"):
+            kwargs[key] = _check_sub(as_dict(kwargs[key]), f"{where}.kwargs.{key}", cfg)
+    required = [
+        p.name
+        for p in params.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name != "learning_rate"
+        and p.name not in kwargs
+    ]
+    if required:
+        hint = (
+            " (a sub-config such as dict(name='adam'))"
+            if set(required) & set(_SUB_OPTIMIZER_ARGS)
+            else ""
+        )
+        raise ConfigError(
+            f"optimizer {name!r} needs {where}.kwargs.{required[0]}{hint}; "
+            f"required: {', '.join(required)}"
+        )
+
+
+def check_config(optimizer_config: Any) -> dict[str, Any]:
+    """Validates an optimizer config and returns it as a plain dict with defaults filled in.
+
+    Raises ``ConfigError`` (a ``ValueError``) naming the first bad key and the valid choices.
+    """
+    where = "optimizer"
+    cfg = _check_sub(as_dict(optimizer_config), where, parent=None)
+    cfg["clip_global_norm"] = _number(
+        cfg, "clip_global_norm", where, positive=True, allow_none=True
+    )
+    cfg["clip_value"] = _number(cfg, "clip_value", where, positive=True, allow_none=True)
+    steps = cfg.get("accumulate_steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"{where}.accumulate_steps must be an int >= 1, got {steps!r}")
+    cfg["accumulate_steps"] = steps
+    ema = cfg.get("ema_decay")
+    if ema is not None and (
+        isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 < ema < 1
+    ):
+        raise ConfigError(f"{where}.ema_decay must be None or in (0, 1), got {ema!r}")
+    cfg["ema_decay"] = None if ema is None else float(ema)
+    skip = cfg.get("skip_nonfinite", False)
+    if not isinstance(skip, bool):
+        raise ConfigError(f"{where}.skip_nonfinite must be True or False, got {skip!r}")
+    cfg["skip_nonfinite"] = skip
+    cfg["freeze"] = _patterns(cfg.get("freeze"), f"{where}.freeze")
+    groups = cfg.get("param_groups") or []
+    if isinstance(groups, Mapping) or not isinstance(groups, list | tuple):
+        raise ConfigError(f"{where}.param_groups must be a list of dicts, got {groups!r}")
+    cfg["param_groups"] = [
+        _check_group(g, f"{where}.param_groups[{i}]", cfg) for i, g in enumerate(groups)
+    ]
+    return cfg
+
+
+def _check_group(group: Any, where: str, parent: dict[str, Any]) -> dict[str, Any]:
+    group = as_dict(group)
+    check_keys(group, GROUP_KEYS, where)
+    if "match" not in group:
+        raise ConfigError(
+            f"{where}.match is required: a path regex, a list of them, or a predicate"
+        )
+    group["match"] = _patterns(group["match"], f"{where}.match")
+    group["lr_mult"] = _number(group, "lr_mult", where, positive=True, allow_none=True) or 1.0
+    sub = as_dict(group.get("optimizer"))
+    if not sub:
+        sub = {"name": parent["name"], "kwargs": parent["kwargs"]}
+    for key in ("weight_decay", "weight_decay_mask"):
+        if key in group:
+            sub[key] = group[key]
+        else:
+            sub.setdefault(key, parent[key])
+    group["optimizer"] = _check_sub(sub, f"{where}.optimizer", parent)
+    return group
+
+
+def groups_of(cfg: dict[str, Any]) -> list[Group]:
+    """The parameter groups of a checked config, the default group last."""
+    default = {k: cfg[k] for k in SUB_KEYS if k in cfg}
+    groups = [
+        Group(
+            label=str(g.get("name") or f"group{i}"),
+            predicate=masks.as_predicate(g["match"]),
+            lr_mult=g["lr_mult"],
+            config=g["optimizer"],
+        )
+        for i, g in enumerate(cfg["param_groups"])
+    ]
+    return groups + [Group("default", None, 1.0, default)]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _scaled(schedule: optax.Schedule, mult: float) -> optax.Schedule:
+    return schedule if mult == 1.0 else (lambda step: mult * schedule(step))
+
+
+def _decay_predicate(spec: Any) -> masks.Predicate:
+    if spec == "all":
+        return lambda path, leaf: True
+    return masks.is_matrix if spec == "matrices" else masks.as_predicate(spec)
+
+
+def _mask_fn(spec: Any) -> Callable[[PyTree], PyTree] | None:
+    return None if spec == "all" else masks.decay_mask_fn(spec)
+
+
+def build_optimizer(
+    cfg: dict[str, Any], *, total_steps: int, lr_mult: float = 1.0
+) -> optax.GradientTransformation:
+    """Builds one optimizer (schedule, optax function, weight decay) from a checked sub-config.
+
+    ``total_steps`` counts optimizer steps. No clipping, accumulation or EMA here: see create().
+    """
+    schedule = _scaled(schedules.create(cfg, total_steps=total_steps), lr_mult)
+    name = cfg["name"]
+    if name == "muon":
+        return _muon(cfg, schedule, total_steps=total_steps, lr_mult=lr_mult)
+    fn = OPTIMIZERS[name]
+    params = inspect.signature(fn).parameters
+    call = dict(cfg["kwargs"])
+    for key in _SUB_OPTIMIZER_ARGS:
+        if isinstance(call.get(key), dict):
+            call[key] = build_optimizer(call[key], total_steps=total_steps)
+    if "learning_rate" in params:
+        call["learning_rate"] = schedule
+    wd, mask = cfg["weight_decay"], cfg["weight_decay_mask"]
+    wd_arg = next((a for a in ("weight_decay", "weight_decay_rate") if a in params), None)
+    mask_arg = next((a for a in ("mask", "weight_decay_mask") if a in params), None)
+    external_decay = None
+    if wd is not None:
+        if wd_arg and (mask_arg or mask == "all"):
+            call[wd_arg] = wd
+            if mask_arg and mask != "all":
+                call[mask_arg] = _mask_fn(mask)
+        else:
+            if wd_arg:
+                call[wd_arg] = 0.0
+            external_decay = decoupled_weight_decay(wd, schedule)
+            if mask != "all":
+                external_decay = optax.masked(external_decay, _mask_fn(mask))
+    tx = fn(**call)
+    if external_decay is not None and wd:
+        tx = optax.chain(tx, external_decay)
+    return tx
+
+
+def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformation:
+    """Muon for rank-2 non-embedding weights, AdamW for the rest."""
+    kwargs = dict(cfg["kwargs"])
+    adam_kwargs = {v: kwargs.pop(k) for k, v in _MUON_ADAM_KWARGS.items() if k in kwargs}
+    adam_schedule = schedule
+    if "adam_learning_rate" in kwargs:
+        adam_cfg = dict(cfg, learning_rate=kwargs.pop("adam_learning_rate"))
+        adam_schedule = _scaled(schedules.create(adam_cfg, total_steps=total_steps), lr_mult)
+    wd, mask = cfg["weight_decay"], cfg["weight_decay_mask"]
+    if wd is not None:
+        kwargs["weight_decay"] = wd
+        if mask != "all":
+            kwargs["weight_decay_mask"] = _mask_fn(mask)
+        adam_kwargs.setdefault("weight_decay", wd)
+        if mask != "all":
+            adam_kwargs["mask"] = _mask_fn(mask)
+    muon = optax.contrib.muon(learning_rate=schedule, **kwargs)
+    adamw = optax.adamw(learning_rate=adam_schedule, **adam_kwargs)
+    return masks.partition(masks.is_2d_non_embedding, muon, adamw)
+
+
+def create(
+    optimizer_config: Any, *, total_steps: int, params: PyTree | None = None
+) -> optax.GradientTransformation:
+    """Builds the optax optimizer an optimizer config describes (see the module docstring).
+
+    Args:
+      optimizer_config: ConfigDict or dict with at least ``name`` and ``learning_rate``.
+      total_steps: training steps the trainer will run (micro-steps when accumulating);
+        schedules get ``total_steps // accumulate_steps`` optimizer steps.
+      params: optional parameters (any pytree); when given, path regexes (``freeze``,
+        ``param_groups[i].match``, ``weight_decay_mask``) that match nothing raise here. They are
+        checked again when the optimizer's ``init`` first sees parameters.
+
+    Raises:
+      ConfigError (a ValueError): an unknown name, key or kwarg, a bad value, a warmup longer
+        than training; the message names the key and the nearest valid choices.
+    """
+    cfg = check_config(optimizer_config)
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ConfigError(f"total_steps must be a positive int, got {total_steps!r}")
+    k = cfg["accumulate_steps"]
+    if k > total_steps:
+        raise ConfigError(
+            f"optimizer.accumulate_steps={k} is more than the {total_steps} training steps"
+        )
+    opt_steps = total_steps // k
+    schedule = schedules.create(cfg, total_steps=opt_steps)
+    groups = groups_of(cfg)
+    if params is not None:
+        _check_patterns(cfg, params)
+
+    parts: list[optax.GradientTransformation] = []
+    if cfg["clip_value"] is not None:
+        parts.append(optax.clip(cfg["clip_value"]))
+    if cfg["clip_global_norm"] is not None:
+        parts.append(optax.clip_by_global_norm(cfg["clip_global_norm"]))
+    if len(groups) == 1:
+        parts.append(build_optimizer(groups[0].config, total_steps=opt_steps))
+    else:
+        transforms = {
+            g.label: build_optimizer(g.config, total_steps=opt_steps, lr_mult=g.lr_mult)
+            for g in groups
+        }
+        parts.append(optax.partition(transforms, _group_labels(cfg, groups)))
+    parts.append(record_learning_rate(schedule))
+    if cfg["ema_decay"] is not None:
+        parts.append(ema_params(cfg["ema_decay"]))
+    tx = optax.chain(*parts)
+    if k > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+    if cfg["skip_nonfinite"]:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=_MAX_CONSECUTIVE_NONFINITE)
+    if cfg["freeze"]:
+        tx = optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, _freeze_labels(cfg))
+    names = _extra_args(cfg)
+    if names:
+        tx = require_extra_args(tx, tuple(sorted(names)), cfg["name"])
+    return _checking_patterns_on_init(tx, cfg)
+
+
+def _checking_patterns_on_init(
+    tx: optax.GradientTransformation, cfg: dict[str, Any]
+) -> optax.GradientTransformation:
+    """``tx`` whose ``init`` first checks that every path regex of ``cfg`` matches a parameter."""
+    if not (cfg["freeze"] or cfg["param_groups"] or isinstance(cfg["weight_decay_mask"], list)):
+        return tx
+
+    def init(params: PyTree) -> optax.OptState:
+        _check_patterns(cfg, params)
+        return tx.init(params)
+
+    return tx._replace(init=init)
+
+
+def _group_labels(cfg: dict[str, Any], groups: list[Group]) -> Callable[[PyTree], PyTree]:
+    def labels(params: PyTree) -> PyTree:
+        return masks.labels_by_patterns(
+            params, [(g.label, g.predicate) for g in groups if g.predicate is not None]
+        )
+
+    return labels
+
+
+def _freeze_labels(cfg: dict[str, Any]) -> Callable[[PyTree], PyTree]:
+    frozen = masks.as_predicate(cfg["freeze"])
+
+    def labels(params: PyTree) -> PyTree:
+        return masks.map_with_paths(
+            lambda path, leaf: "frozen" if frozen(path, leaf) else "trainable", params
+        )
+
+    return labels
+
+
+def check_patterns(optimizer_config: Any, params: PyTree) -> None:
+    """Raises ``ConfigError`` for a path regex of the config that matches no parameter."""
+    _check_patterns(check_config(optimizer_config), params)
+
+
+def _check_patterns(cfg: dict[str, Any], params: PyTree) -> None:
+    if isinstance(cfg["freeze"], list) and cfg["freeze"]:
+        masks.check_patterns_match(params, cfg["freeze"], "optimizer.freeze")
+    for i, group in enumerate(cfg["param_groups"]):
+        if isinstance(group["match"], list):
+            masks.check_patterns_match(params, group["match"], f"optimizer.param_groups[{i}].match")
+    if isinstance(cfg["weight_decay_mask"], list) and cfg["weight_decay"]:
+        masks.check_patterns_match(params, cfg["weight_decay_mask"], "optimizer.weight_decay_mask")
+
+
+def extra_update_args(optimizer_config: Any) -> frozenset[str]:
+    """Names of the keyword args ``update`` needs besides (grads, state, params): ``'value'``
+    (the loss, for momo), ``'obj_fn'`` (the loss function of the params, for sophia), ...;
+    empty for ordinary optimizers."""
+    return _extra_args(check_config(optimizer_config))
+
+
+def _extra_args(cfg: dict[str, Any]) -> frozenset[str]:
+    names: set[str] = set(_EXTRA_ARGS.get(cfg["name"], ()))
+    if cfg["name"] == "sam" and cfg["kwargs"].get("opaque_mode"):
+        names.add("grad_fn")
+    for group in cfg.get("param_groups", []):
+        names |= _extra_args(group["optimizer"])
+    for key in _SUB_OPTIMIZER_ARGS:
+        sub = cfg["kwargs"].get(key)
+        if isinstance(sub, dict):
+            names |= _extra_args(sub)
+    return frozenset(names)
+
+
+# ----------------------------------------------------------------------------- reading state
+
+
+def _pure(tree: PyTree) -> PyTree:
+    """Unwraps ``nnx.Variable`` leaves (``nnx.Optimizer.opt_state`` holds OptState variables)."""
+    from flax import nnx
+
+    is_variable = lambda x: isinstance(x, nnx.Variable)
+    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
+
+
+def _find(node: Any, kind: type) -> list[Any]:
+    """All nodes of type ``kind`` in an optax state, outermost first."""
+    if isinstance(node, kind):
+        return [node]
+    if isinstance(node, Mapping):
+        children = list(node.values())
+    elif isinstance(node, tuple | list):
+        children = list(node)
+    else:
+        return []
+    return [found for child in children for found in _find(child, kind)]
+
+
+def learning_rate(opt_state: PyTree) -> jax.Array:
+    """The learning rate of the last optimizer step (the schedule's value at step 0 before the
+    first), read from the state of an optimizer built by :func:`create`."""
+    found = _find(_pure(opt_state), LearningRateState)
+    if not found:
+        raise ValueError("this optimizer state records no learning rate: build it with create()")
+    return found[0].learning_rate
+
+
+def nonfinite_count(opt_state: PyTree) -> jax.Array:
+    """Total updates skipped for non-finite gradients (0 when ``skip_nonfinite`` is off)."""
+    found = _find(_pure(opt_state), optax.ApplyIfFiniteState)
+    return found[0].total_notfinite if found else jnp.zeros([], jnp.int32)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _fill_masked(params: PyTree, values: PyTree) -> PyTree:
+    """``values`` where it holds an array, ``params`` where it holds a ``MaskedNode``."""
+    return jax.tree.map(
+        lambda v, p: p if _is_masked(v) else v,
+        values,
+        params,
+        is_leaf=_is_masked,
+    )
+
+
+def eval_params(opt_state: PyTree, params: PyTree) -> PyTree:
+    """The parameters to evaluate with: the EMA when ``ema_decay`` is set, schedule-free's
+    evaluation point for schedule-free optimizers, else ``params`` unchanged.
+
+    Works on raw optax states and on ``nnx.Optimizer.opt_state``; the result has the structure of
+    ``params`` (pure arrays where ``params`` holds pure arrays).
+    """
+    state = _pure(opt_state)
+    pure_params = _pure(params)
+    ema = _find(state, EmaParamsState)
+    if ema:
+        out = _fill_masked(pure_params, ema[0].ema)
+        return jax.tree.map(lambda e, p: e.astype(p.dtype), out, pure_params)
+    sf = _find(state, optax.contrib.ScheduleFreeState)
+    if sf:
+        z = sf[0].z
+        masked_params = jax.tree.map(
+            lambda zi, p: zi if _is_masked(zi) else p, z, pure_params, is_leaf=_is_masked
+        )
+        evaluated = optax.contrib.schedule_free_eval_params(sf[0], masked_params)
+        return _fill_masked(pure_params, evaluated)
+    return params
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _describe(cfg: dict[str, Any], leaf_path: masks.Path, leaf: Any) -> tuple[str, str]:
+    """(transform name, weight decay) for one parameter of one group's optimizer config."""
+    name = cfg["name"]
+    if name == "muon":
+        name = "muon" if masks.is_2d_non_embedding(leaf_path, leaf) else "adamw"
+    wd = cfg["weight_decay"]
+    if wd is None:
+        return name, "default"
+    decays = _decay_predicate(cfg["weight_decay_mask"])(leaf_path, leaf)
+    return name, f"{wd:g}" if decays else "0"
+
+
+def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
+    """A table of every parameter: path, shape, size, group, lr multiplier, weight decay, frozen,
+    and which transform updates it; then totals for parameters and optimizer state."""
+    cfg = check_config(optimizer_config)
+    tx = create(optimizer_config, total_steps=total_steps, params=params)
+    groups = groups_of(cfg)
+    frozen = masks.as_predicate(cfg["freeze"]) if cfg["freeze"] else (lambda p, x: False)
+    rows = []
+    for path, leaf in zip(masks.leaf_paths(params), jax.tree.leaves(params), strict=True):
+        shape = tuple(getattr(leaf, "shape", ()))
+        size = int(getattr(leaf, "size", 1))
+        if frozen(path, leaf):
+            rows.append((str(path), str(shape), size, "-", "-", "-", "yes", "frozen"))
+            continue
+        group = next(g for g in groups if g.predicate is None or g.predicate(path, leaf))
+        transform, wd = _describe(group.config, path, leaf)
+        rows.append(
+            (str(path), str(shape), size, group.label, f"{group.lr_mult:g}", wd, "no", transform)
+        )
+    state_shapes = jax.eval_shape(tx.init, params)
+    state_leaves = [x for x in jax.tree.leaves(state_shapes) if hasattr(x, "shape")]
+    state_size = sum(int(x.size) for x in state_leaves)
+    state_bytes = sum(int(x.size) * x.dtype.itemsize for x in state_leaves)
+    param_leaves = jax.tree.leaves(params)
+    n_params = sum(int(getattr(x, "size", 1)) for x in param_leaves)
+    param_bytes = sum(int(x.size) * x.dtype.itemsize for x in param_leaves if hasattr(x, "dtype"))
+    n_frozen = sum(r[2] for r in rows if r[6] == "yes")
+
+    header = ("path", "shape", "size", "group", "lr_mult", "weight_decay", "frozen", "transform")
+    table = [header] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    ratio = state_size / n_params if n_params else 0.0
+    trainable = n_params - n_frozen
+    lines += [
+        "",
+        f"parameters:      {n_params:,} ({_bytes(param_bytes)}), "
+        f"trainable {trainable:,}, frozen {n_frozen:,}",
+        f"optimizer state: {state_size:,} values ({_bytes(state_bytes)}) "
+        f"= {ratio:.2f}x the parameters",
+    ]
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
