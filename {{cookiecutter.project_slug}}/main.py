@@ -1,0 +1,68 @@
+"""Trains and evaluates the model a config describes.
+
+    python main.py --config=configs/default.py --workdir=/tmp/run [--config.key=value ...]
+
+Rerunning the same command resumes from the latest checkpoint in ``--workdir``. For several
+processes (multi-host), give ``--coordinator_address``, ``--num_processes`` and ``--process_id``
+(or the ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` environment
+variables, or run under a cluster JAX detects itself, e.g. SLURM or Cloud TPU).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Path to a config file, e.g. configs/default.py; override keys with --config.key=value.",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and plots.")
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for training with several processes."
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host training).")
+flags.DEFINE_integer("process_id", None, "Index of this process (multi-host training).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    """Sets up JAX and TensorFlow, then runs ``train.train_and_evaluate``."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+    from plugins import sharding
+
+    # Before any other JAX call: joins the other processes when a coordinator is given.
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+
+    import tensorflow as tf
+
+    # TensorFlow only reads data here: keep it off the GPUs/TPUs, which belong to JAX.
+    tf.config.set_visible_devices([], "GPU")
+
+    import jax
+    from plugins.config_errors import ConfigError
+
+    from {{ cookiecutter.package_name }} import train
+
+    logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices())  # fmt: skip
+    try:
+        history = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+    if "eval_accuracy" in history:
+        step, accuracy = history["eval_accuracy"][-1]
+        print(f"final eval_accuracy {accuracy:.4f} at step {step}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

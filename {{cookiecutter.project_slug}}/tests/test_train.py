@@ -1,0 +1,102 @@
+"""End-to-end tests of train_and_evaluate on 8 simulated CPU devices."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import pytest
+import tensorflow_datasets as tfds
+from plugins.config_errors import ConfigError
+
+from configs import cifar10, mnist, quick
+from {{ cookiecutter.package_name }} import train
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_eight_devices():
+    assert jax.device_count() == 8
+
+
+def test_loss_falls_checkpoints_and_resume(tmp_path):
+    config = quick.get_config()
+    history = train.train_and_evaluate(config, str(tmp_path))
+
+    losses = [value for _, value in history["train_loss"]]
+    assert [step for step, _ in history["train_loss"]] == [5, 10, 15, 20]
+    assert losses[-1] < losses[0]
+    for name in ("train_accuracy", "grad_norm", "learning_rate", "eval_loss", "eval_accuracy"):
+        assert all(math.isfinite(value) for _, value in history[name]), name
+    assert history["eval_accuracy"][-1][1] > 0.3
+    assert _checkpoint_steps(tmp_path) == [10, 20]
+    assert (tmp_path / "learning_rate.png").is_file()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+    # The same workdir with more steps resumes at step 20 instead of starting over.
+    config.num_train_steps = 30
+    resumed = train.train_and_evaluate(config, str(tmp_path))
+    assert [step for step, _ in resumed["train_loss"]] == [25, 30]
+    assert _checkpoint_steps(tmp_path)[-1] == 30
+
+
+def test_finished_run_only_evaluates(tmp_path):
+    config = quick.get_config()
+    config.num_train_steps = 4
+    config.log_every_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert "train_loss" not in again
+    assert again["eval_accuracy"][0][0] == 4
+
+
+@pytest.mark.parametrize(
+    "get_config", [mnist.get_config, cifar10.get_config], ids=["mnist", "cifar10"]
+)
+def test_real_dataset_configs_with_mock_data(tmp_path, get_config):
+    config = get_config()
+    config.num_train_steps = 2
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.optimizer.schedule.warmup_steps = 1
+    with tfds.testing.mock_data(num_examples=32):
+        history = train.train_and_evaluate(config, str(tmp_path))
+    assert len(history["train_loss"]) == 2
+    assert all(math.isfinite(value) for _, value in history["train_loss"])
+    assert math.isfinite(history["eval_loss"][-1][1])
+    assert _checkpoint_steps(tmp_path) == [2]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.name", "transformer", "unknown model 'transformer'"),
+        ("optimizer.name", "adamm", "adamm"),
+        ("loss.name", "cross_entropy", "cross_entropy"),
+        ("batch_size", 12, "does not divide over the 8 devices"),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path, key, value, message):
+    config = quick.get_config()
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_top_level_key(tmp_path):
+    config = quick.get_config()
+    config.unlock()
+    config.num_train_step = 10
+    with pytest.raises(ConfigError, match="num_train_step"):
+        train.train_and_evaluate(config, str(tmp_path))

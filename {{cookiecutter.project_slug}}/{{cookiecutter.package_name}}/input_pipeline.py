@@ -1,0 +1,65 @@
+"""Input pipeline: the config's dataset through ``plugins.data``.
+
+``plugins.data`` reads a tfds split into memory once and cuts it into deterministic batches:
+``image`` float32 in [0, 1] ``(B, H, W, C)``, ``label`` int32 ``(B,)`` (and ``mask`` for
+evaluation). Training batches depend only on ``(seed, step)``, so a resumed run picks up the data
+exactly where it stopped. Each process reads only its own slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow_datasets as tfds
+from plugins import config_errors
+from plugins import data as plugins_data  # registers the offline ``digits`` dataset
+
+TRAIN_SPLIT = "train"
+EVAL_SPLIT = "test"
+
+
+def dataset_info(config: Any) -> tuple[int, tuple[int, int, int]]:
+    """Returns ``(num_classes, (H, W, C))`` of ``config.dataset`` from its tfds metadata.
+
+    Reads no data (works before the dataset is downloaded); an unknown dataset raises
+    ``ConfigError``.
+    """
+    try:
+        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    except tfds.core.DatasetNotFoundError:
+        choices = tfds.list_builders(with_community_datasets=False)
+        raise config_errors.unknown("dataset", "dataset", config.dataset, choices) from None
+    features = builder.info.features
+    missing = [k for k in ("image", "label") if k not in features]
+    if missing:
+        raise config_errors.ConfigError(
+            f"dataset {config.dataset!r} has no {' or '.join(missing)} feature; "
+            "this project trains image classifiers"
+        )
+    shape = tuple(features["image"].shape)
+    if len(shape) != 3 or None in shape:
+        raise config_errors.ConfigError(
+            f"dataset {config.dataset!r} has images of varying shape {shape}; "
+            "this project needs a fixed (H, W, C)"
+        )
+    return int(features["label"].num_classes), shape
+
+
+def train_batches(config: Any, *, batch_size: int, start_step: int) -> Iterator[dict]:
+    """Endless shuffled training batches of this process, starting at batch ``start_step``."""
+    return plugins_data.train_iterator(
+        config.dataset,
+        batch_size=batch_size,
+        seed=config.seed,
+        split=TRAIN_SPLIT,
+        data_dir=config.data_dir,
+        start_step=start_step,
+    )
+
+
+def eval_batches(config: Any, *, batch_size: int) -> Iterator[dict]:
+    """This process's part of the evaluation split, once, padded batches marked by ``mask``."""
+    return plugins_data.eval_iterator(
+        config.dataset, batch_size=batch_size, split=EVAL_SPLIT, data_dir=config.data_dir
+    )

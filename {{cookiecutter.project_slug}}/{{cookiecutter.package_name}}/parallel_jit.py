@@ -1,0 +1,104 @@
+"""Data parallelism with ``jax.jit`` over a device mesh.
+
+The train state is replicated over a 1-D ``data`` mesh of every device of every process, and each
+batch is one global ``jax.Array`` split along its leading axis. Each process reads only its own
+slice of the data (``plugins.data``); ``plugins.sharding.global_batch`` assembles the global batch.
+XLA inserts the gradient all-reduce itself, so the step function is written as for one device.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+from plugins import config_errors, sharding
+
+# Batch norm needs no named axis: under jit the batch is global.
+AXIS_NAME: str | None = None
+
+
+def _ahead(iterator: Iterable[Any], size: int) -> Iterator[Any]:
+    """Yields from ``iterator`` while keeping ``size`` items already produced (in flight)."""
+    queue: collections.deque = collections.deque()
+    iterator = iter(iterator)
+    queue.extend(itertools.islice(iterator, size))
+    while queue:
+        yield queue.popleft()
+        queue.extend(itertools.islice(iterator, 1))
+
+
+class DataParallel:
+    """Places state and batches on a ``data`` mesh and compiles steps with ``jax.jit``."""
+
+    def __init__(self) -> None:
+        self.mesh = sharding.data_mesh()
+        self.replicated = sharding.replicated_sharding(self.mesh)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.num_devices = self.mesh.size
+
+    def check_batch_size(self, batch_size: Any, key: str) -> None:
+        """Raises ``ConfigError`` unless ``batch_size`` divides over every device."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise config_errors.ConfigError(f"{key} must be a positive int, got {batch_size!r}")
+        if batch_size % self.num_devices:
+            raise config_errors.ConfigError(
+                f"{key}={batch_size} does not divide over the {self.num_devices} devices; "
+                f"use a multiple of {self.num_devices}"
+            )
+
+    def local_batch_size(self, batch_size: int) -> int:
+        """This process's share of a global batch."""
+        return batch_size // jax.process_count()
+
+    def put_state(self, state: Any) -> Any:
+        """Replicates a host state (or metrics) over the mesh."""
+        return sharding.place_replicated(state, self.mesh)
+
+    def host_state(self, state: Any) -> Any:
+        """The state as checkpointed: global arrays are saved as they are."""
+        return state
+
+    def to_host(self, tree: Any) -> Any:
+        """This process's copy of replicated values (for logging)."""
+        return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+    def train_batches(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """Turns process-local numpy batches into global arrays, two steps ahead."""
+        return _ahead((sharding.global_batch(self.mesh, b) for b in batches), 2)
+
+    eval_batches = train_batches
+
+    def compile_train_step(self, fn: Callable) -> Callable:
+        """``fn(state, metrics, batch) -> (state, metrics)`` jitted; the state is donated."""
+        return jax.jit(
+            fn,
+            in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+            donate_argnums=(0,),
+        )
+
+    def compile_eval_step(self, fn: Callable) -> Callable:
+        """``fn(state, metrics, batch) -> metrics`` jitted."""
+        return jax.jit(
+            fn,
+            in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
+
+    @staticmethod
+    def mean(tree: Any) -> Any:
+        """Mean over devices inside a step: the identity, XLA reduces global arrays itself."""
+        return tree
+
+    @staticmethod
+    def sum(tree: Any) -> Any:
+        """Sum over devices inside a step: the identity under jit."""
+        return tree
+
+    @staticmethod
+    def metrics_from_output(collection: type, **outputs: Any) -> Any:
+        """A clu metrics collection from one step's (global) outputs."""
+        return collection.single_from_model_output(**outputs)

@@ -1,0 +1,80 @@
+"""Data parallelism with ``jax.pmap``.
+
+The train state is replicated on this process's local devices (a leading device axis), each
+batch is reshaped to ``(devices, batch / devices, ...)``, and gradients are averaged across
+devices with ``lax.pmean`` over the axis ``AXIS_NAME``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+from plugins import config_errors, sharding
+
+# The pmap axis: gradients are pmean'd and batch norm statistics averaged over it.
+AXIS_NAME: str | None = "batch"
+
+
+class DataParallel:
+    """Replicates state over local devices and compiles steps with ``jax.pmap``."""
+
+    def __init__(self) -> None:
+        self.local_devices = jax.local_device_count()
+        self.num_devices = jax.device_count()
+
+    def check_batch_size(self, batch_size: Any, key: str) -> None:
+        """Raises ``ConfigError`` unless ``batch_size`` divides over every device."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise config_errors.ConfigError(f"{key} must be a positive int, got {batch_size!r}")
+        if batch_size % self.num_devices:
+            raise config_errors.ConfigError(
+                f"{key}={batch_size} does not divide over the {self.num_devices} devices; "
+                f"use a multiple of {self.num_devices}"
+            )
+
+    def local_batch_size(self, batch_size: int) -> int:
+        """This process's share of a global batch."""
+        return batch_size // jax.process_count()
+
+    def put_state(self, state: Any) -> Any:
+        """Replicates a host state (or metrics) on every local device."""
+        return sharding.replicate(state)
+
+    def host_state(self, state: Any) -> Any:
+        """One copy of the replicated state, as checkpointed."""
+        return sharding.unreplicate(state)
+
+    def to_host(self, tree: Any) -> Any:
+        """One copy of replicated values (for logging)."""
+        return sharding.unreplicate(tree)
+
+    def train_batches(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """Shards host batches over the local devices, two steps ahead."""
+        return sharding.prefetch_to_device(map(sharding.shard, batches), size=2)
+
+    eval_batches = train_batches
+
+    def compile_train_step(self, fn: Callable) -> Callable:
+        """``fn(state, metrics, batch) -> (state, metrics)`` pmapped; the state is donated."""
+        return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=(0,))
+
+    def compile_eval_step(self, fn: Callable) -> Callable:
+        """``fn(state, metrics, batch) -> metrics`` pmapped."""
+        return jax.pmap(fn, axis_name=AXIS_NAME)
+
+    @staticmethod
+    def mean(tree: Any) -> Any:
+        """Mean over devices inside a step."""
+        return jax.lax.pmean(tree, AXIS_NAME)
+
+    @staticmethod
+    def sum(tree: Any) -> Any:
+        """Sum over devices inside a step."""
+        return jax.lax.psum(tree, AXIS_NAME)
+
+    @staticmethod
+    def metrics_from_output(collection: type, **outputs: Any) -> Any:
+        """A clu metrics collection from one step's per-device outputs, gathered over devices."""
+        return collection.gather_from_model_output(axis_name=AXIS_NAME, **outputs)
