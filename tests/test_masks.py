@@ -1,0 +1,205 @@
+"""plugins.masks: canonical paths and masks on Linen, NNX, Equinox and plain pytrees."""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.core import freeze as freeze_dict
+
+from plugins import masks
+from plugins.config_errors import ConfigError
+
+
+class LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(10, 6)(tokens)
+        x = nn.LayerNorm()(x)
+        return nn.Dense(3)(x)
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(10, 6, rngs=rngs)
+        self.norm = nnx.LayerNorm(6, rngs=rngs)
+        self.blocks = nnx.List([nnx.Linear(6, 6, rngs=rngs)])
+        self.out = nnx.Linear(6, 3, rngs=rngs)
+
+
+def linen_params():
+    return LinenNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def nnx_params():
+    return nnx.state(NnxNet(nnx.Rngs(0)), nnx.Param)
+
+
+def test_paths_of_linen_frozendict_and_dict():
+    expected = [
+        "Dense_0/bias",
+        "Dense_0/kernel",
+        "Embed_0/embedding",
+        "LayerNorm_0/bias",
+        "LayerNorm_0/scale",
+    ]
+    assert masks.path_strings(linen_params()) == expected
+    assert masks.path_strings(freeze_dict(dict(linen_params()))) == expected
+
+
+def test_paths_of_nnx_state_drop_the_variable_value():
+    paths = masks.path_strings(nnx_params())
+    assert sorted(paths) == [
+        "blocks/0/bias",
+        "blocks/0/kernel",
+        "embed/embedding",
+        "norm/bias",
+        "norm/scale",
+        "out/bias",
+        "out/kernel",
+    ]
+    tree = masks.path_tree(nnx_params())
+    assert isinstance(tree, nnx.State)
+    assert tree["out"]["kernel"].get_value() == "out/kernel"
+
+
+def test_paths_of_equinox_module_and_plain_lists():
+    eqx = pytest.importorskip("equinox")
+    mlp = eqx.nn.MLP(4, 2, 8, depth=1, key=jax.random.PRNGKey(0))
+    assert masks.path_strings(eqx.filter(mlp, eqx.is_array)) == [
+        "layers/0/weight",
+        "layers/0/bias",
+        "layers/1/weight",
+        "layers/1/bias",
+    ]
+    assert masks.path_strings({"a": [jnp.ones(2), (jnp.ones(1),)]}) == ["a/0", "a/1/0"]
+
+
+def test_path_behaves_as_tuple_and_string():
+    path = masks.leaf_paths({"linear1": {"kernel": jnp.ones((2, 2))}})[0]
+    assert "kernel" in path and path[-1] == "kernel"
+    assert str(path) == "linear1/kernel" and "linear1/" in str(path)
+
+
+def test_predicates():
+    params = linen_params()
+    got = {str(p): p for p in masks.leaf_paths(params)}
+    leaves = dict(zip(got, jax.tree.leaves(params), strict=True))
+
+    def which(pred):
+        return sorted(k for k in got if pred(got[k], leaves[k]))
+
+    assert which(masks.is_bias) == ["Dense_0/bias", "LayerNorm_0/bias"]
+    assert which(masks.is_norm_scale) == ["LayerNorm_0/scale"]
+    assert which(masks.is_embedding) == ["Embed_0/embedding"]
+    assert which(masks.is_matrix) == ["Dense_0/kernel", "Embed_0/embedding"]
+    assert which(masks.is_2d_non_embedding) == ["Dense_0/kernel"]
+
+
+def test_match_and_decay_masks_keep_structure():
+    params = nnx_params()
+    m = masks.match(params, [r"kernel$", r"^embed/"])
+    assert jax.tree.structure(m) == jax.tree.structure(params)
+    flat = dict(zip(masks.path_strings(m), jax.tree.leaves(m), strict=True))
+    assert flat == {
+        "blocks/0/bias": False,
+        "blocks/0/kernel": True,
+        "embed/embedding": True,
+        "norm/bias": False,
+        "norm/scale": False,
+        "out/bias": False,
+        "out/kernel": True,
+    }
+    assert all(jax.tree.leaves(masks.decay_mask(params, "all")))
+    matrices = masks.decay_mask(params, "matrices")
+    assert jax.tree.leaves(matrices) == jax.tree.leaves(
+        masks.match(params, lambda p, x: x.ndim >= 2)
+    )
+
+
+def test_label_trees_feed_optax_multi_transform_on_nnx_state():
+    model = NnxNet(nnx.Rngs(0))
+    labels = lambda params: masks.labels_by_patterns(params, [("head", "^out/")], default="body")
+    tx = optax.multi_transform({"head": optax.sgd(1.0), "body": optax.set_to_zero()}, labels)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    np.testing.assert_allclose(after["out"]["kernel"], before["out"]["kernel"] - 1.0)
+    np.testing.assert_array_equal(after["embed"]["embedding"], before["embed"]["embedding"])
+
+
+def test_partition_as_the_cheat_sheet_writes_it():
+    params = linen_params()
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    # The cheat sheet's predicate, with 'kernel' in path and str(path).lower().
+    def is_decayed(path, param):
+        return param.ndim == 2 and "embedding" not in str(path).lower() and "kernel" in path
+
+    tx = masks.partition(
+        condition=is_decayed,
+        true_gradient_transform=optax.sgd(1.0),
+        false_gradient_transform=optax.set_to_zero(),
+    )
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat = dict(zip(masks.path_strings(updates), jax.tree.leaves(updates), strict=True))
+    assert float(flat["Dense_0/kernel"].sum()) == -flat["Dense_0/kernel"].size
+    for other in ("Dense_0/bias", "Embed_0/embedding", "LayerNorm_0/scale"):
+        assert float(jnp.abs(flat[other]).sum()) == 0
+    # Positional form with a regex condition.
+    tx = masks.partition(r"^Embed_0/", optax.sgd(1.0), optax.set_to_zero())
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(updates["Embed_0"]["embedding"].sum()) == -60
+    assert float(jnp.abs(updates["Dense_0"]["kernel"]).sum()) == 0
+
+
+def test_freeze_gives_zero_updates_and_no_state():
+    params = linen_params()
+    tx = masks.freeze(optax.adam(1e-3), r"^(Embed_0|LayerNorm_0)/")
+    state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert float(jnp.abs(updates["Embed_0"]["embedding"]).sum()) == 0
+    assert float(jnp.abs(updates["Dense_0"]["kernel"]).sum()) > 0
+    dense = sum(x.size for x in jax.tree.leaves(params["Dense_0"]))
+    assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 2 * dense
+
+
+def test_bad_regexes_are_clear_errors():
+    with pytest.raises(ConfigError, match=r"freeze\[1\]: invalid regex"):
+        masks.compile_patterns(["ok", "(unclosed"], "freeze")
+    with pytest.raises(ConfigError, match=r"matches no parameter \(did you mean 'Dense_0/kernel'"):
+        masks.check_patterns_match(linen_params(), ["Dense_0/kernal"], "optimizer.freeze")
+
+
+def test_summary_table_and_state_totals():
+    params = linen_params()
+    config = dict(
+        name="adamw",
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        freeze=["^Embed_0/"],
+        param_groups=[dict(name="norms", match="LayerNorm", lr_mult=0.5)],
+    )
+    table = masks.summary(params, config, total_steps=100)
+    cells = [re.split(r"\s{2,}", line) for line in table.splitlines()[2:] if "/" in line]
+    rows = {row[0]: row for row in cells}
+    assert rows["Embed_0/embedding"][-2:] == ["yes", "frozen"]
+    assert rows["LayerNorm_0/scale"][3:6] == ["norms", "0.5", "0"]
+    assert rows["Dense_0/kernel"][3:] == ["default", "1", "0.1", "no", "adamw"]
+    assert rows["Dense_0/bias"][5] == "0"  # 'matrices' mask: no decay on biases
+    n = sum(x.size for x in jax.tree.leaves(params))
+    frozen = params["Embed_0"]["embedding"].size
+    assert f"parameters:      {n:,}" in table and f"frozen {frozen:,}" in table
+    # Adam keeps two values per trainable parameter (plus step counters).
+    adam_table = masks.summary(params, dict(name="adam", learning_rate=1e-3), total_steps=10)
+    values = int(re.search(r"optimizer state: ([\d,]+) values", adam_table)[1].replace(",", ""))
+    assert 2 * n <= values <= 2 * n + 4  # mu and nu, plus a few scalar step counters
+    assert re.search(r"= 2\.0\dx the parameters", adam_table)
