@@ -728,7 +728,8 @@ def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
         f"parameters:      {n_params:,} ({_bytes(param_bytes)}), "
         f"trainable {trainable:,}, frozen {n_frozen:,}",
         f"optimizer state: {state_size:,} values ({_bytes(state_bytes)}) "
-        f"= {ratio:.2f}x the parameters",
+        f"= {ratio:.2f}x the parameters"
+        + (f", {state_size / trainable:.2f}x the trainable ones" if n_frozen and trainable else ""),
     ]
     return "\n".join(lines)
 
