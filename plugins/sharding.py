@@ -1,0 +1,582 @@
+"""Device placement for data-parallel training: pmap helpers, mesh helpers, multi-host setup.
+
+pmap (per-process view, leading axis = this process's local devices):
+
+- ``replicate(tree)`` / ``unreplicate(tree)``: state with a leading device axis and back.
+- ``shard(batch)``: a host batch ``(B, ...)`` reshaped to ``(devices, B // devices, ...)``.
+- ``shard_prng_key(key)``: one key per local device.
+- ``prefetch_to_device(iterator, size=2)``: sharded batches put on the devices ahead of use.
+- ``pad_shard_unpad(fn)``: call a pmapped function on a batch that does not divide over devices.
+
+Mesh (``jax.jit`` with ``jax.sharding``, global view):
+
+- ``data_mesh()``: a 1-D mesh over every device of every process.
+- ``batch_sharding(mesh)`` / ``replicated_sharding(mesh)``: leading-axis-sharded / replicated.
+- ``global_batch(mesh, local_batch)``: process-local numpy batches to one global ``jax.Array``
+  per leaf (``jax.make_array_from_process_local_data``).
+- ``place_replicated(tree, mesh)``, ``state_shardings(mesh, state, param_sharding=None)``: the
+  train state's placement; replicated today, per-parameter specs (FSDP, tensor parallel) through
+  ``param_sharding`` without changing callers.
+
+Multi-host: ``initialize_distributed(...)`` and ``assert_same_across_processes(tree)``.
+
+Nothing here uses the deprecated ``jax.device_put_replicated`` / ``jax.device_put_sharded``;
+placement goes through ``jax.device_put`` and ``jax.make_array_from_*`` with explicit shardings.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+
+PyTree = Any
+T = TypeVar("T")
+
+# Axis name of the 1-D mesh behind pmap-style placement (the name is not visible to pmap).
+_PMAP_AXIS = "devices"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    """Canonical ``'/'``-joined path of a pytree key path (nnx ``.value`` attributes dropped)."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _leading_dim(path: Sequence[Any], x: Any, what: str) -> int:
+    shape = np.shape(x)
+    if not shape:
+        name = _path_str(path) or "<root>"
+        raise ValueError(
+            f"{what}: leaf {name!r} is a scalar; every leaf needs a leading batch axis"
+        )
+    return shape[0]
+
+
+def _batch_size(tree: PyTree, what: str) -> int:
+    """The common leading dimension of every leaf, with one clear error when they disagree."""
+    sizes = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        sizes.setdefault(_leading_dim(path, x, what), _path_str(path) or "<root>")
+    if not sizes:
+        raise ValueError(f"{what}: the batch has no arrays")
+    if len(sizes) > 1:
+        listing = ", ".join(f"{leaf!r}: {size}" for size, leaf in sizes.items())
+        raise ValueError(f"{what}: leaves disagree on the batch size ({listing})")
+    return next(iter(sizes))
+
+
+def _local_devices(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
+    return list(jax.local_devices() if devices is None else devices)
+
+
+def _pmap_sharding(devices: Sequence[jax.Device]) -> NamedSharding:
+    """Leading axis split over ``devices``, one slice each: the layout pmap expects."""
+    return NamedSharding(Mesh(np.asarray(devices), (_PMAP_AXIS,)), PartitionSpec(_PMAP_AXIS))
+
+
+def _host_local(x: Any) -> np.ndarray:
+    """This process's part of ``x`` as numpy, stacked along the leading axis."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+    return np.asarray(jax.device_get(x))
+
+
+# --------------------------------------------------------------------------------------------
+# pmap helpers
+
+
+def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
+    """Copies every leaf to each device, adding a leading axis of ``len(devices)``.
+
+    Args:
+      tree: a pytree of arrays (numpy, jax or Python scalars), e.g. a train state.
+      devices: target devices; default ``jax.local_devices()`` (the devices ``jax.pmap`` uses).
+
+    Returns:
+      The same pytree, each leaf a ``jax.Array`` of shape ``(len(devices), *leaf.shape)`` with
+      one copy per device, ready for a ``jax.pmap``-ed function.
+    """
+    devices = _local_devices(devices)
+    sharding = _pmap_sharding(devices)
+
+    def _replicate(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0)
+        elif not isinstance(x, jax.Array):
+            x = np.asarray(x)
+        one = x[None]
+        copies = [jax.device_put(one, d) for d in devices]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices), *one.shape[1:]), sharding, copies
+        )
+
+    return jax.tree.map(_replicate, tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+    """Inverse of ``replicate``: the first device's copy of every leaf (leading axis dropped).
+
+    Works on pmap outputs in multi-process runs too (it reads only this process's first shard).
+    """
+
+    def _first(x):
+        if isinstance(x, jax.Array):
+            return x.addressable_data(0)[0]
+        return x[0]
+
+    return jax.tree.map(_first, tree)
+
+
+def shard(batch: PyTree, num_devices: int | None = None) -> PyTree:
+    """Reshapes each leaf ``(B, ...)`` to ``(num_devices, B // num_devices, ...)`` for pmap.
+
+    Args:
+      batch: a pytree of host arrays sharing the leading batch size ``B``.
+      num_devices: default ``jax.local_device_count()``.
+
+    Returns:
+      The reshaped pytree (still on the host; pmap or ``prefetch_to_device`` transfers it).
+
+    Raises:
+      ValueError: when ``B`` does not divide over the devices or the leaves disagree on ``B``.
+    """
+    n = jax.local_device_count() if num_devices is None else num_devices
+    b = _batch_size(batch, "shard")
+    if b % n:
+        raise ValueError(
+            f"shard: the per-process batch of {b} does not divide over {n} local devices; use a "
+            f"batch size that is a multiple of {n} (or pad_shard_unpad for evaluation)"
+        )
+    return jax.tree.map(lambda x: x.reshape(n, b // n, *np.shape(x)[1:]), batch)
+
+
+def shard_prng_key(key: jax.Array, num_devices: int | None = None) -> jax.Array:
+    """Splits ``key`` into one independent key per local device (leading axis ``num_devices``)."""
+    n = jax.local_device_count() if num_devices is None else num_devices
+    return jax.random.split(key, n)
+
+
+def prefetch_to_device(
+    iterator: Iterable[PyTree], size: int = 2, devices: Sequence[jax.Device] | None = None
+) -> Iterator[PyTree]:
+    """Puts the next ``size`` sharded batches on the devices while the current one is used.
+
+    Like ``flax.jax_utils.prefetch_to_device``: the items must already be sharded (leading axis
+    = number of devices, e.g. ``map(shard, batches)``); each leaf is split over the devices with
+    one ``jax.device_put`` (no host-side stacking copy).
+
+    Args:
+      iterator: yields pytrees of arrays with leading axis ``len(devices)``.
+      size: how many batches to keep in flight on the devices (2 overlaps one transfer with one
+        step).
+      devices: default ``jax.local_devices()``.
+
+    Yields:
+      The same pytrees with every leaf a ``jax.Array`` sharded over ``devices``.
+    """
+    devices = _local_devices(devices)
+    sharding = _pmap_sharding(devices)
+    queue: collections.deque = collections.deque()
+    iterator = iter(iterator)
+
+    def _put(tree):
+        b = _batch_size(tree, "prefetch_to_device")
+        if b != len(devices):
+            raise ValueError(
+                f"prefetch_to_device: items need a leading axis of {len(devices)} devices, got "
+                f"{b}; shard the batches first, e.g. prefetch_to_device(map(shard, batches))"
+            )
+        return jax.device_put(tree, sharding)
+
+    def enqueue(n: int) -> None:
+        for item in itertools.islice(iterator, n):
+            queue.append(_put(item))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
+
+
+def pad_shard_unpad(
+    fn: Callable[..., Any],
+    static_argnums: Sequence[int] = (0,),
+    static_argnames: Sequence[str] = (),
+    static_return: bool = False,
+) -> Callable[..., Any]:
+    """Wraps a pmapped ``fn`` so it takes batches of any size: pad, shard, call, unshard, unpad.
+
+    Like ``flax.jax_utils.pad_shard_unpad`` (same arguments), with clear errors and multi-process
+    safe unsharding. Padding rows are zeros; pass a mask among the arguments (its padding is
+    ``False``) when the function reduces over the batch.
+
+    Args:
+      fn: a ``jax.pmap``-ed function; non-static arguments get shape ``(devices, per_device, ...)``.
+      static_argnums: positions forwarded untouched (default ``(0,)``: the replicated params).
+      static_argnames: keyword arguments forwarded untouched.
+      static_return: return ``fn``'s output as is (e.g. already-reduced metrics) instead of
+        unsharding it and cutting it back to the batch size.
+
+    Returns:
+      ``wrapper(*args, min_device_batch=None, **kwargs)``; ``min_device_batch`` pads every
+      device to at least that many rows (a fixed eval shape avoids recompiling the last batch).
+    """
+    static_argnums = tuple(static_argnums)
+    static_argnames = tuple(static_argnames)
+
+    @functools.wraps(fn)
+    def wrapper(*args, min_device_batch: int | None = None, **kwargs):
+        n = jax.local_device_count()
+        dynamic = [a for i, a in enumerate(args) if i not in static_argnums]
+        dynamic += [v for k, v in kwargs.items() if k not in static_argnames]
+        b = _batch_size(dynamic, "pad_shard_unpad")
+        per_device = max(-(-b // n), min_device_batch or 0)
+
+        def pad(x):
+            x = np.asarray(x)
+            extra = n * per_device - x.shape[0]
+            if extra:
+                x = np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)], axis=0)
+            return x.reshape(n, per_device, *x.shape[1:])
+
+        args = [a if i in static_argnums else jax.tree.map(pad, a) for i, a in enumerate(args)]
+        kwargs = {k: v if k in static_argnames else jax.tree.map(pad, v) for k, v in kwargs.items()}
+        out = fn(*args, **kwargs)
+        if static_return:
+            return out
+
+        def unpad(x):
+            x = _host_local(x)
+            return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:b]
+
+        return jax.tree.map(unpad, out)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# mesh helpers
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "data") -> Mesh:
+    """A 1-D mesh named ``axis_name`` over ``devices`` (default: every device of every process).
+
+    Default devices are ordered by process, so each process's devices hold one contiguous block
+    of the global batch (what ``global_batch`` relies on).
+    """
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def _batch_spec(mesh: Mesh) -> PartitionSpec:
+    names = tuple(mesh.axis_names)
+    return PartitionSpec(names[0] if len(names) == 1 else names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over all of ``mesh``'s devices, other axes whole."""
+    return NamedSharding(mesh, _batch_spec(mesh))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _process_devices(mesh: Mesh) -> tuple[int, int]:
+    """(this process's devices in ``mesh``, number of processes in ``mesh``)."""
+    flat = list(mesh.devices.flat)
+    local = sum(d.process_index == jax.process_index() for d in flat)
+    return local, len({d.process_index for d in flat})
+
+
+def global_batch(
+    mesh: Mesh,
+    local_batch: PyTree,
+    *,
+    sharding: Sharding | None = None,
+    check_processes: bool = False,
+) -> PyTree:
+    """Turns this process's numpy batch into one global ``jax.Array`` per leaf.
+
+    Every process calls it with its own part of the batch (same shapes everywhere); the result's
+    leading axis is the global batch (``processes * local_batch``), split over ``mesh``'s devices,
+    ready for a ``jax.jit`` step. On one process it is simply a sharded ``device_put``.
+
+    Args:
+      mesh: e.g. ``data_mesh()``.
+      local_batch: a pytree of host arrays sharing a leading per-process batch size.
+      sharding: default ``batch_sharding(mesh)``.
+      check_processes: first verify (one small collective) that every process passes the same
+        structure, shapes and dtypes. Off by default: the check waits for the devices, which
+        stalls asynchronous dispatch in a hot loop; turn it on for the first batch.
+
+    Returns:
+      The same pytree with global ``jax.Array`` leaves.
+
+    Raises:
+      ValueError: the leaves disagree on the batch size, the batch does not divide over the
+        devices, or (with ``check_processes``) the processes' batches disagree.
+    """
+    if check_processes:  # before any local error, so that every process joins the collective
+        assert_same_across_processes(local_batch, what="per-process batch", shapes_only=True)
+    sharding = batch_sharding(mesh) if sharding is None else sharding
+    local_devices, processes = _process_devices(mesh)
+    b = _batch_size(local_batch, "global_batch")
+    if local_devices == 0:
+        raise ValueError(
+            f"global_batch: process {jax.process_index()} has no device in the mesh {mesh}"
+        )
+    if b % local_devices:
+        raise ValueError(
+            f"global_batch: the global batch of {b * processes} ({processes} process(es) x {b} "
+            f"per process) does not divide over the {mesh.size} devices of the mesh: the "
+            f"per-process batch must be a multiple of this process's {local_devices} devices "
+            f"(global batch a multiple of {mesh.size})"
+        )
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+
+def place_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Puts a full copy of every leaf on every device of ``mesh`` (every process must pass the
+    same values, e.g. params initialised from the same seed)."""
+    sharding = replicated_sharding(mesh)
+
+    def _place(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        x = _host_local(x) if isinstance(x, jax.Array) else np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(_place, tree)
+
+
+ParamSharding = (
+    Callable[[str, Any], "PartitionSpec | Sharding | None"]
+    | Sequence[tuple[str, PartitionSpec]]
+    | None
+)
+
+
+def state_shardings(mesh: Mesh, state: PyTree, *, param_sharding: ParamSharding = None) -> PyTree:
+    """The sharding of every leaf of a train state, for ``jax.jit(in_shardings/out_shardings)``.
+
+    Args:
+      mesh: e.g. ``data_mesh()``.
+      state: a train state (``TrainState``, ``nnx.State``, dict...), concrete or abstract
+        (``jax.eval_shape``); only its structure and leaf paths are used.
+      param_sharding: how leaves are split. ``None`` (today's default): every leaf replicated,
+        i.e. pure data parallelism. Otherwise either a function ``(path, leaf) -> PartitionSpec |
+        Sharding | None`` or a list of ``(path_regex, PartitionSpec)`` pairs (first
+        ``re.search`` match wins); ``None`` / no match means replicated. Paths are ``'/'``-joined
+        (``params/Dense_0/kernel``, ``opt_state/0/mu/Dense_0/kernel``), so one rule on
+        ``Dense_0/kernel`` shards a parameter and its optimizer moments alike (FSDP).
+
+    Returns:
+      A pytree with the structure of ``state`` whose leaves are ``NamedSharding``s on ``mesh``.
+    """
+    replicated = replicated_sharding(mesh)
+    if param_sharding is None:
+        return jax.tree.map(lambda _: replicated, state)
+    if callable(param_sharding):
+        rule = param_sharding
+    else:
+        rules = [(re.compile(pattern), spec) for pattern, spec in param_sharding]
+
+        def rule(path, leaf):
+            return next((spec for pattern, spec in rules if pattern.search(path)), None)
+
+    def _sharding(path, leaf):
+        spec = rule(_path_str(path), leaf)
+        if spec is None:
+            return replicated
+        if isinstance(spec, Sharding):
+            return spec
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(_sharding, state)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-host
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _cluster_process_count() -> int | None:
+    """Processes of the cluster JAX's auto-detection finds (SLURM, Open MPI, TPU, k8s...), or
+    None outside such a cluster."""
+    try:
+        from jax._src import clusters  # JAX's own detection; no public query exists.
+
+        for env in clusters.ClusterEnv._cluster_types:
+            if not env.opt_in_only_method and env.is_env_present():
+                return env.get_process_count()
+    except Exception:  # noqa: BLE001 - detection is best effort; explicit settings still work
+        return None
+    return None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    **initialize_kwargs: Any,
+) -> bool:
+    """Initialises ``jax.distributed`` when this is one process of several; else does nothing.
+
+    Settings come from the arguments, else the environment variables ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (and ``JAX_LOCAL_DEVICE_IDS``), else JAX's own
+    cluster auto-detection (SLURM, Open MPI, Cloud TPU, Kubernetes...). Call it first thing,
+    before any other JAX call.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordinator service.
+      num_processes: total number of processes.
+      process_id: this process's index in ``[0, num_processes)``.
+      local_device_ids: restrict this process to these local devices.
+      **initialize_kwargs: passed on to ``jax.distributed.initialize`` (e.g.
+        ``initialization_timeout``, ``heartbeat_timeout_seconds``).
+
+    Returns:
+      True when ``jax.distributed`` is initialised (now or by an earlier call) for more than one
+      process; False on a single process, in which case nothing was done.
+
+    Raises:
+      ValueError: some but not all of the settings are given and no cluster supplies the rest.
+      RuntimeError: JAX was already used in this process (jax's own message).
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("JAX_PROCESS_ID")
+    if num_processes == 1:
+        return False
+    given = {
+        "coordinator_address (JAX_COORDINATOR_ADDRESS)": coordinator_address,
+        "num_processes (JAX_NUM_PROCESSES)": num_processes,
+        "process_id (JAX_PROCESS_ID)": process_id,
+    }
+    cluster_processes = _cluster_process_count()
+    if all(v is None for v in given.values()):
+        if cluster_processes is None or cluster_processes <= 1:
+            return False
+    elif cluster_processes is None and any(v is None for v in given.values()):
+        missing = ", ".join(k for k, v in given.items() if v is None)
+        raise ValueError(
+            f"initialize_distributed: multi-process settings are incomplete, missing {missing}; "
+            "give all three (flags or environment variables) or none for a single process"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        **initialize_kwargs,
+    )
+    return jax.process_count() > 1
+
+
+def _describe(tree: PyTree) -> str:
+    """Structure, shapes and dtypes of ``tree`` as one line."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+        return "<no arrays>"
+    return ", ".join(
+        f"{_path_str(path) or '<root>'}: {tuple(np.shape(x))} {np.result_type(x)}"
+        for path, x in leaves
+    )
+
+
+def _allgather_text(text: str) -> list[str]:
+    """Every process's ``text`` (a collective)."""
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [bytes(row[:n]).decode() for row, n in zip(gathered, lengths, strict=True)]
+
+
+def assert_same_across_processes(
+    tree: PyTree, *, what: str = "value", shapes_only: bool = False
+) -> None:
+    """Raises one clear ``ValueError`` unless every process passes the same ``tree``.
+
+    Every process must call it (it is a collective). First the structure, leaf shapes and dtypes
+    are compared, then, unless ``shapes_only``, the values (e.g. seeds, initial params). A single
+    process passes trivially. Every process raises the same error.
+
+    Args:
+      tree: a pytree of host or fully addressable arrays.
+      what: how the error names the tree (``'per-process batch'``, ``'initial params'``...).
+      shapes_only: compare structure, shapes and dtypes only (per-process data batches).
+    """
+    if jax.process_count() == 1:
+        return
+    text = _describe(tree)
+    fingerprint = np.uint32(zlib.crc32(text.encode()))
+    fingerprints = np.asarray(multihost_utils.process_allgather(fingerprint)).ravel()
+    if len(set(fingerprints.tolist())) > 1:
+        texts = _allgather_text(text)  # every process saw the mismatch, so all join this
+        listing = "; ".join(f"process {i}: {t}" for i, t in enumerate(texts))
+        raise ValueError(
+            f"{what} differs across processes in structure, shape or dtype ({listing})"
+        )
+    if shapes_only:
+        return
+    host = jax.tree.map(
+        lambda x: _host_local(x) if isinstance(x, jax.Array) else np.asarray(x), tree
+    )
+    gathered = multihost_utils.process_allgather(host)
+    for path, values in jax.tree_util.tree_flatten_with_path(gathered)[0]:
+        values = np.asarray(values)
+        odd = [i for i in range(len(values)) if not np.array_equal(values[i], values[0], True)]
+        if odd:
+            raise ValueError(
+                f"{what} differs across processes at {_path_str(path) or '<root>'!r}: processes "
+                f"{odd} disagree with process 0"
+            )
