@@ -106,12 +106,22 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
         loss, grads = jax.value_and_grad(loss_fn)(p, b)
         return jax.lax.pmean((loss, grads), "batch")
 
+    (pmap_batch,) = sharding.prefetch_to_device([sharding.shard(local)])
     out_loss, out_grads = jax.pmap(pmap_step, axis_name="batch")(
-        sharding.replicate(make_params()), sharding.shard(local)
+        sharding.replicate(make_params()), pmap_batch
     )
     result["pmap_loss"] = np.asarray(sharding.unreplicate(out_loss))
     for k, v in sharding.unreplicate(out_grads).items():
         result[f"pmap_{k}"] = np.asarray(v)
+
+    # An uneven per-process eval batch through pad_shard_unpad: this process's rows come back.
+    def hidden(params, x):
+        return jnp.tanh(x @ params["w1"] + params["b1"])
+
+    uneven = local["x"][:7]
+    padded = sharding.pad_shard_unpad(jax.pmap(hidden, in_axes=(None, 0)))
+    result["eval_out"] = padded(make_params(), uneven)
+    result["eval_ref"] = np.asarray(jax.jit(hidden)(make_params(), uneven))
 
     # Disagreeing per-process batches and values: one clear error on every process.
     skewed = jax.tree.map(lambda a: a[: per_process - process_id * 2], local)

@@ -93,6 +93,12 @@ def test_two_processes_match_one_process(results, mode):
             np.testing.assert_allclose(r[f"{mode}_{name}"], g, rtol=1e-5, atol=1e-6)
 
 
+def test_pad_shard_unpad_per_process(results):
+    for r in results:
+        assert r["eval_out"].shape == (7, worker.HIDDEN)
+        np.testing.assert_allclose(r["eval_out"], r["eval_ref"], rtol=1e-5, atol=1e-6)
+
+
 def test_disagreeing_batches_raise_one_clear_error_everywhere(results):
     for r in results:
         message = str(r["shape_error"])
