@@ -186,6 +186,8 @@ def create(loss_config: Mapping[str, Any] | Any) -> LossFn:
     Returns:
       ``fn(preds, targets, *, weights=None)`` returning the mean loss over the (real) examples;
       ``weights`` of shape ``(B,)`` are per-example weights or a 0/1 / boolean mask.
+      ``fn.per_example(preds, targets)`` gives the unreduced ``(B,)`` losses (e.g. to sum
+      across devices before dividing by the real example count).
 
     Raises:
       ConfigError: (a ``ValueError``) for a missing or unknown name, an unknown option or a bad
@@ -226,6 +228,12 @@ def create(loss_config: Mapping[str, Any] | Any) -> LossFn:
     def loss_fn(preds: Any, targets: Any, *, weights: Any | None = None) -> jax.Array:
         return _weighted_mean(unreduced(preds, targets), weights)
 
+    def per_example(preds: Any, targets: Any) -> jax.Array:
+        loss = unreduced(preds, targets)
+        return jnp.mean(loss, axis=tuple(range(1, loss.ndim)))
+
+    per_example.__doc__ = f"{name} loss of every example, shape (B,) (no reduction over B)."
+    loss_fn.per_example = per_example
     loss_fn.__name__ = name
     loss_fn.__qualname__ = name
     loss_fn.__doc__ = (

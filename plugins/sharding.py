@@ -104,6 +104,8 @@ def _pmap_sharding(devices: Sequence[jax.Device]) -> NamedSharding:
 def _host_local(x: Any) -> np.ndarray:
     """This process's part of ``x`` as numpy, stacked along the leading axis."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
         shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
         return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
     return np.asarray(jax.device_get(x))
@@ -374,9 +376,12 @@ def place_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
     sharding = replicated_sharding(mesh)
 
     def _place(x):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        x = _host_local(x) if isinstance(x, jax.Array) else np.asarray(x)
+        if isinstance(x, jax.Array):
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if jax.process_count() == 1 or not x.is_fully_addressable:
+                return jax.device_put(x, sharding)  # device to device, global to global
+        x = np.asarray(x)  # host values: every process contributes its devices' copies
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(_place, tree)

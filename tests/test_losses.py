@@ -64,6 +64,7 @@ def test_sequence_labels_reduce_per_example(rng):
     labels = rng.integers(0, C, size=(B, 3))
     fn = losses.create(dict(name="softmax_cross_entropy"))
     ref = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=1)
+    np.testing.assert_allclose(fn.per_example(logits, labels), ref, rtol=1e-6)
     np.testing.assert_allclose(fn(logits, labels, weights=MASK), _weighted(ref, MASK), rtol=1e-6)
     token_mask = rng.integers(0, 2, size=(B, 3)).astype(bool)
     token_ref = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -100,6 +101,7 @@ def test_elementwise_losses(rng, config, ref):
     np.testing.assert_allclose(
         fn(preds, targets, weights=WEIGHTS), _weighted(per_example, WEIGHTS), rtol=1e-6
     )
+    np.testing.assert_allclose(fn.per_example(preds, targets), per_example, rtol=1e-6)
 
 
 def test_l2_is_half_mse(rng):
