@@ -13,19 +13,17 @@
 
 Predictions in half precision are upcast to float32 before the loss.
 
-============================== ======================================= ========================
-``name``                       optax function                          options (default)
-============================== ======================================= ========================
-``softmax_cross_entropy``      ``softmax_cross_entropy`` (probability  ``label_smoothing`` (0.0)
-                               targets) or ``..._with_integer_labels``
-``sigmoid_binary_cross_entropy`` ``sigmoid_binary_cross_entropy``      --
-``sigmoid_focal_loss``         ``sigmoid_focal_loss``                  ``alpha`` (None),
-                                                                       ``gamma`` (2.0)
-``l2``                         ``l2_loss``: **0.5 * (x - y) ** 2**     --
-``mse``                        ``squared_error``: **(x - y) ** 2**     --
-``huber``                      ``huber_loss``                          ``delta`` (1.0)
-``cosine_distance``            ``cosine_distance`` (over the last axis) ``epsilon`` (0.0)
-============================== ======================================= ========================
+Names, the optax function underneath, and options (defaults):
+
+- ``softmax_cross_entropy``: ``optax.losses.softmax_cross_entropy_with_integer_labels`` for
+  integer labels, ``optax.losses.softmax_cross_entropy`` for one-hot / probability targets;
+  ``label_smoothing`` (0.0).
+- ``sigmoid_binary_cross_entropy``: ``optax.losses.sigmoid_binary_cross_entropy``.
+- ``sigmoid_focal_loss``: ``optax.losses.sigmoid_focal_loss``; ``alpha`` (None), ``gamma`` (2.0).
+- ``l2``: ``optax.losses.l2_loss``, i.e. **0.5 * (x - y) ** 2**.
+- ``mse``: ``optax.losses.squared_error``, i.e. **(x - y) ** 2**.
+- ``huber``: ``optax.losses.huber_loss``; ``delta`` (1.0).
+- ``cosine_distance``: ``optax.losses.cosine_distance`` over the last axis; ``epsilon`` (0.0).
 
 ``l2`` and ``mse`` differ by the factor 0.5 only: ``l2`` is optax's ``l2_loss`` (half the squared
 error, whose gradient is ``x - y``), ``mse`` is the conventional mean squared error.
