@@ -10,6 +10,7 @@ variables, or run under a cluster JAX detects itself, e.g. SLURM or Cloud TPU).
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -31,10 +32,22 @@ flags.DEFINE_integer("process_id", None, "Index of this process (multi-host trai
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops the INFO chatter of orbax, tfds and clu's work-unit notes; keeps warnings."""
+
+    NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/platform/")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(
+            part in record.pathname.replace("\\", "/") for part in self.NOISY
+        )
+
+
 def main(argv: list[str]) -> None:
     """Sets up JAX and TensorFlow, then runs ``train.train_and_evaluate``."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
 
     from plugins import sharding
 
