@@ -189,6 +189,31 @@ RECIPES = {
             _labels(p, lambda top, x: "backbone" if top == "backbone" else "head"),
         ),
     ),
+    "group_with_own_optimizer_and_decay": (
+        dict(
+            name="adam",
+            learning_rate=LR,
+            param_groups=[
+                dict(match="^head/", optimizer=dict(name="sgd", learning_rate=0.1)),
+                dict(match="kernel", weight_decay=0.5, weight_decay_mask="all"),
+            ],
+        ),
+        lambda p: optax.multi_transform(
+            {
+                "head": optax.sgd(0.1),
+                "decayed": optax.chain(optax.adam(LR), _add_scaled_params(-LR * 0.5)),
+                "rest": optax.adam(LR),
+            },
+            jax.tree_util.tree_map_with_path(
+                lambda kp, x: (
+                    "head"
+                    if kp[0].key == "head"
+                    else ("decayed" if kp[-1].key == "kernel" else "rest")
+                ),
+                p,
+            ),
+        ),
+    ),
     "muon": (
         dict(name="muon", learning_rate=LR),
         lambda p: optax.multi_transform(
