@@ -40,6 +40,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
+from plugins import masks
+
 PyTree = Any
 T = TypeVar("T")
 
@@ -51,28 +53,15 @@ _PMAP_AXIS = "devices"
 # helpers
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    """Canonical ``'/'``-joined path of a pytree key path (nnx ``.value`` attributes dropped)."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":
-                parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+def _named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs with canonical ``'/'``-joined paths (see ``plugins.masks``)."""
+    paths = masks.path_strings(tree)
+    return [(path or "<root>", x) for path, x in zip(paths, jax.tree.leaves(tree), strict=True)]
 
 
-def _leading_dim(path: Sequence[Any], x: Any, what: str) -> int:
+def _leading_dim(name: str, x: Any, what: str) -> int:
     shape = np.shape(x)
     if not shape:
-        name = _path_str(path) or "<root>"
         raise ValueError(
             f"{what}: leaf {name!r} is a scalar; every leaf needs a leading batch axis"
         )
@@ -82,8 +71,8 @@ def _leading_dim(path: Sequence[Any], x: Any, what: str) -> int:
 def _batch_size(tree: PyTree, what: str) -> int:
     """The common leading dimension of every leaf, with one clear error when they disagree."""
     sizes = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        sizes.setdefault(_leading_dim(path, x, what), _path_str(path) or "<root>")
+    for name, x in _named_leaves(tree):
+        sizes.setdefault(_leading_dim(name, x, what), name)
     if not sizes:
         raise ValueError(f"{what}: the batch has no arrays")
     if len(sizes) > 1:
@@ -423,14 +412,14 @@ def state_shardings(mesh: Mesh, state: PyTree, *, param_sharding: ParamSharding 
             return next((spec for pattern, spec in rules if pattern.search(path)), None)
 
     def _sharding(path, leaf):
-        spec = rule(_path_str(path), leaf)
+        spec = rule(str(path), leaf)
         if spec is None:
             return replicated
         if isinstance(spec, Sharding):
             return spec
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(_sharding, state)
+    return masks.map_with_paths(_sharding, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,13 +516,10 @@ def initialize_distributed(
 
 def _describe(tree: PyTree) -> str:
     """Structure, shapes and dtypes of ``tree`` as one line."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = _named_leaves(tree)
     if not leaves:
         return "<no arrays>"
-    return ", ".join(
-        f"{_path_str(path) or '<root>'}: {tuple(np.shape(x))} {np.result_type(x)}"
-        for path, x in leaves
-    )
+    return ", ".join(f"{name}: {tuple(np.shape(x))} {np.result_type(x)}" for name, x in leaves)
 
 
 def _allgather_text(text: str) -> list[str]:
@@ -577,11 +563,11 @@ def assert_same_across_processes(
         lambda x: _host_local(x) if isinstance(x, jax.Array) else np.asarray(x), tree
     )
     gathered = multihost_utils.process_allgather(host)
-    for path, values in jax.tree_util.tree_flatten_with_path(gathered)[0]:
+    for name, values in _named_leaves(gathered):
         values = np.asarray(values)
         odd = [i for i in range(len(values)) if not np.array_equal(values[i], values[0], True)]
         if odd:
             raise ValueError(
-                f"{what} differs across processes at {_path_str(path) or '<root>'!r}: processes "
+                f"{what} differs across processes at {name!r}: processes "
                 f"{odd} disagree with process 0"
             )
