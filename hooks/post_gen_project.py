@@ -10,17 +10,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 from pathlib import Path
 
-PACKAGE_NAME = {{ cookiecutter.package_name | tojson }}
-MODEL_API = {{ cookiecutter.model_api | tojson }}
-PARALLELISM = {{ cookiecutter.parallelism | tojson }}
-TEMPLATE = {{ cookiecutter._template | tojson }}
-REPO_DIR = {{ cookiecutter._repo_dir | tojson }}
-CHECKOUT = {{ (cookiecutter._checkout or "") | tojson }}
+# The answers, as JSON rendered by cookiecutter (tojson escapes quotes and backslashes).
+ANSWERS = json.loads(
+    r"""{
+    "package_name": {{ cookiecutter.package_name | tojson }},
+    "model_api": {{ cookiecutter.model_api | tojson }},
+    "parallelism": {{ cookiecutter.parallelism | tojson }},
+    "_template": {{ cookiecutter._template | tojson }},
+    "_repo_dir": {{ cookiecutter._repo_dir | tojson }},
+    "_checkout": {{ cookiecutter._checkout | tojson }}
+}"""
+)
+PACKAGE_NAME = ANSWERS["package_name"]
+MODEL_API = ANSWERS["model_api"]
+PARALLELISM = ANSWERS["parallelism"]
+TEMPLATE = ANSWERS["_template"]
+REPO_DIR = ANSWERS["_repo_dir"]
+CHECKOUT = ANSWERS["_checkout"] or ""
 
 VARIANTS = {"train": ("nnx", "linen"), "models": ("nnx", "linen"), "parallel": ("jit", "pmap")}
 CHOSEN = {"train": MODEL_API, "models": MODEL_API, "parallel": PARALLELISM}

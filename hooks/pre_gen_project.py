@@ -6,22 +6,61 @@ removes the half-created output directory, so nothing is left behind.
 
 from __future__ import annotations
 
+import json
 import keyword
 import re
 import sys
 
-PROJECT_NAME = {{ cookiecutter.project_name | tojson }}
-PROJECT_SLUG = {{ cookiecutter.project_slug | tojson }}
-PACKAGE_NAME = {{ cookiecutter.package_name | tojson }}
-MODEL_API = {{ cookiecutter.model_api | tojson }}
-PARALLELISM = {{ cookiecutter.parallelism | tojson }}
+# The answers, as JSON rendered by cookiecutter (tojson escapes quotes and backslashes).
+ANSWERS = json.loads(
+    r"""{
+    "project_name": {{ cookiecutter.project_name | tojson }},
+    "project_slug": {{ cookiecutter.project_slug | tojson }},
+    "package_name": {{ cookiecutter.package_name | tojson }},
+    "model_api": {{ cookiecutter.model_api | tojson }},
+    "parallelism": {{ cookiecutter.parallelism | tojson }}
+}"""
+)
+PROJECT_NAME = ANSWERS["project_name"]
+PROJECT_SLUG = ANSWERS["project_slug"]
+PACKAGE_NAME = ANSWERS["package_name"]
+MODEL_API = ANSWERS["model_api"]
+PARALLELISM = ANSWERS["parallelism"]
 
 # Import names the generated project (or its tests and tools) needs to import unshadowed.
 SHADOWED = {
-    "absl", "chex", "clu", "configs", "conftest", "etils", "flax", "jax", "jaxlib", "main",
-    "matplotlib", "ml_collections", "nox", "np", "numpy", "optax", "orbax", "pip", "pkg_resources",
-    "plugins", "pytest", "scipy", "setuptools", "sklearn", "tensorboard", "tensorflow",
-    "tensorflow_datasets", "test", "tests", "tf", "tfds", "wheel",
+    "absl",
+    "chex",
+    "clu",
+    "configs",
+    "conftest",
+    "etils",
+    "flax",
+    "jax",
+    "jaxlib",
+    "main",
+    "matplotlib",
+    "ml_collections",
+    "nox",
+    "np",
+    "numpy",
+    "optax",
+    "orbax",
+    "pip",
+    "pkg_resources",
+    "plugins",
+    "pytest",
+    "scipy",
+    "setuptools",
+    "sklearn",
+    "tensorboard",
+    "tensorflow",
+    "tensorflow_datasets",
+    "test",
+    "tests",
+    "tf",
+    "tfds",
+    "wheel",
 }
 SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

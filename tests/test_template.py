@@ -1,0 +1,323 @@
+"""Tests of the cookiecutter template: generation, answer checks, variants, and parity.
+
+Parity: for one config and seed, the NNX and Linen variants give the same loss curve when they
+start from the same parameters (their layer names match, so ``init_params`` of one feeds the
+other), and the jit and pmap variants give the same curve on 8 simulated devices.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cookiecutter_main = pytest.importorskip("cookiecutter.main")
+from cookiecutter.exceptions import FailedHookException  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+VARIANT_FILES = {"train.py", "models.py", "parallel.py"}
+SHIPPED = {
+    "README.md",
+    "pyproject.toml",
+    "main.py",
+    "configs/__init__.py",
+    "configs/default.py",
+    "configs/quick.py",
+    "configs/mnist.py",
+    "configs/cifar10.py",
+    "tests/conftest.py",
+    "tests/test_train.py",
+}
+PACKAGE_FILES = {"__init__.py", "input_pipeline.py", "trainer.py", *VARIANT_FILES}
+
+
+def generate(output_dir: Path, **answers: str) -> Path:
+    """Generates a project from this repository with ``answers``; returns its directory."""
+    return Path(
+        cookiecutter_main.cookiecutter(
+            str(REPO), no_input=True, extra_context=answers, output_dir=str(output_dir)
+        )
+    )
+
+
+def files_of(project: Path) -> set[str]:
+    """Relative paths of the project's files, without caches."""
+    return {
+        p.relative_to(project).as_posix()
+        for p in project.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and ".ruff_cache" not in p.parts
+    }
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("model_api", ["nnx", "linen"])
+@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+def test_variant_files_names_and_lint(tmp_path, model_api, parallelism):
+    project = generate(
+        tmp_path,
+        project_name="My Flax Project",
+        model_api=model_api,
+        parallelism=parallelism,
+    )
+    assert project.name == "my-flax-project"
+    package = "my_flax_project"
+    assert files_of(project) == SHIPPED | {f"{package}/{name}" for name in PACKAGE_FILES}
+
+    train = (project / package / "train.py").read_text()
+    models = (project / package / "models.py").read_text()
+    parallel = (project / package / "parallel.py").read_text()
+    if model_api == "nnx":
+        assert "nnx.Optimizer(model, setup.tx, wrt=nnx.Param)" in train
+        assert "from flax import nnx" in models
+    else:
+        assert "class TrainState(train_state.TrainState)" in train
+        assert "from flax import linen as nn" in models
+    assert ("jax.pmap" in parallel) == (parallelism == "pmap")
+    assert ("sharding.data_mesh()" in parallel) == (parallelism == "jit")
+
+    for path in project.rglob("*.py"):
+        text = path.read_text()
+        assert "cookiecutter" not in text and "{{" not in text and "{%" not in text, path
+    assert f"from {package} import train" in (project / "main.py").read_text()
+
+    lint = [str(BIN / "ruff"), "check", "--no-cache", "."]
+    subprocess.run(lint, cwd=project, check=True)
+    fmt = [str(BIN / "ruff"), "format", "--no-cache", "--check", "."]
+    subprocess.run(fmt, cwd=project, check=True)
+
+
+def test_local_template_pins_plugins_as_file_url(tmp_path):
+    project = generate(tmp_path, project_name="pinned")
+    text = (project / "pyproject.toml").read_text()
+    assert f'"flax-plugins @ {REPO.as_uri()}",' in text
+    assert text.count('"flax-plugins') == 1
+
+
+def test_answers_with_quotes_stay_valid_toml(tmp_path):
+    import tomllib
+
+    project = generate(
+        tmp_path, project_name="quoted", description='Say "hi" \\ there', author_name="O'Neil"
+    )
+    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    assert meta["description"] == 'Say "hi" \\ there'
+    assert meta["authors"] == [{"name": "O'Neil"}]
+
+
+def test_git_template_pins_plugins_as_git_url(tmp_path):
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    config = tmp_path / "cookiecutter.yaml"
+    config.write_text(f"cookiecutters_dir: {tmp_path / 'clones'}\nreplay_dir: {tmp_path}\n")
+    url = "git+" + REPO.as_uri()  # cloned with git, as a remote would be
+    project = Path(
+        cookiecutter_main.cookiecutter(
+            url,
+            checkout="HEAD",
+            no_input=True,
+            extra_context={"project_name": "from git"},
+            output_dir=str(tmp_path / "out"),
+            config_file=str(config),
+        )
+    )
+    assert f'"flax-plugins @ {url}@HEAD",' in (project / "pyproject.toml").read_text()
+
+
+def test_cli_no_input_with_choices(tmp_path):
+    subprocess.run(
+        [str(BIN / "cookiecutter"), str(REPO), "--no-input", "-o", str(tmp_path),
+         "model_api=linen", "parallelism=pmap"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    project = tmp_path / "flax-project"
+    assert "train_state.TrainState" in (project / "flax_project" / "train.py").read_text()
+    assert "jax.pmap" in (project / "flax_project" / "parallel.py").read_text()
+
+
+def test_prompts_cover_every_variable():
+    spec = json.loads((REPO / "cookiecutter.json").read_text())
+    variables = {k for k in spec if not k.startswith("_")}
+    assert variables == {
+        "project_name",
+        "project_slug",
+        "package_name",
+        "description",
+        "author_name",
+        "model_api",
+        "parallelism",
+    }
+    assert set(spec["__prompts__"]) == variables
+    assert spec["model_api"] == ["nnx", "linen"] and spec["parallelism"] == ["jit", "pmap"]
+
+
+# ----------------------------------------------------------------------------- bad answers
+
+BAD_ANSWERS = [
+    ({"project_name": ""}, "project_name is empty"),
+    ({"project_name": "   "}, "project_name is empty"),
+    ({"project_name": "../evil"}, "no path separators"),
+    ({"project_name": "x", "project_slug": "../x"}, "no path separators"),
+    ({"project_name": "x", "project_slug": "a/b"}, "no path separators"),
+    ({"project_name": "x", "project_slug": "a\\b"}, "no path separators"),
+    ({"project_name": "x", "project_slug": "ok", "package_name": "   "}, "package_name is empty"),
+    ({"project_name": "3d models"}, "starts with a digit"),
+    ({"project_name": "class"}, "is a Python keyword"),
+    ({"project_name": "x", "package_name": "my-pkg"}, "not a valid Python identifier"),
+    ({"project_name": "jax"}, "would shadow the module 'jax'"),
+    ({"project_name": "Flax"}, "would shadow the module 'flax'"),
+    ({"project_name": "optax"}, "would shadow"),
+    ({"project_name": "tensorflow"}, "would shadow"),
+    ({"project_name": "plugins"}, "would shadow"),
+    ({"project_name": "test"}, "would shadow"),
+    ({"project_name": "json"}, "would shadow"),
+]
+
+
+@pytest.mark.parametrize("answers, message", BAD_ANSWERS, ids=[str(a) for a, _ in BAD_ANSWERS])
+def test_bad_answer_stops_generation_and_leaves_nothing(tmp_path, capfd, answers, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(FailedHookException):
+        generate(out, **answers)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ERROR: ")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "x").exists()
+    if answers.get("project_slug") == "a/b":
+        # cookiecutter makes <out>/a/b (parents included) before the hook runs and removes only
+        # <out>/a/b when it fails: an empty <out>/a remains, nothing the hook can prevent.
+        assert [p.name for p in out.rglob("*")] == ["a"]
+    else:
+        assert list(out.iterdir()) == []
+
+
+def test_unknown_choice_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="haiku provided for choice variable model_api"):
+        generate(tmp_path, project_name="x", model_api="haiku")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_answer_on_the_command_line_exits_non_zero(tmp_path):
+    result = subprocess.run(
+        [str(BIN / "cookiecutter"), str(REPO), "--no-input", "-o", str(tmp_path),
+         "project_name=import"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "ERROR: package_name 'import' is a Python keyword" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def _import_variant(root: Path, model_api: str, parallelism: str):
+    package = f"parity_{model_api}_{parallelism}"
+    project = generate(
+        root,
+        project_name=f"parity {model_api} {parallelism}",
+        package_name=package,
+        model_api=model_api,
+        parallelism=parallelism,
+    )
+    sys.path.insert(0, str(project))
+    return importlib.import_module(f"{package}.train"), project
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    saved = list(sys.path)
+    found = {
+        (api, par): _import_variant(root, api, par)
+        for api in ("nnx", "linen")
+        for par in ("jit", "pmap")
+    }
+    yield found
+    sys.path[:] = saved
+    for name in [m for m in sys.modules if m.startswith("parity_") or m == "configs"]:
+        del sys.modules[name]
+
+
+def _parity_config(project: Path):
+    spec = importlib.util.spec_from_file_location("parity_quick", project / "configs/quick.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.num_train_steps = 12
+    config.log_every_steps = 1
+    config.eval_every_steps = 12
+    config.checkpoint_every_steps = 12
+    config.optimizer.schedule.warmup_steps = 3
+    return config
+
+
+def _curve(history: dict, name: str = "train_loss") -> np.ndarray:
+    return np.array([value for _, value in history[name]])
+
+
+def _run(variants, key, config, workdir, init_params=None):
+    train, _ = variants[key]
+    return train.train_and_evaluate(config, str(workdir), init_params=init_params)
+
+
+def test_nnx_and_linen_give_the_same_loss_curve(variants, tmp_path):
+    config = _parity_config(variants["nnx", "jit"][1])
+    params = variants["linen", "jit"][0].init_params(config)
+    nnx_params = variants["nnx", "jit"][0].init_params(config)
+    shapes = {k: np.shape(v) for k, v in _flatten(params).items()}
+    assert shapes == {k: np.shape(v) for k, v in _flatten(nnx_params).items()}  # same layers
+
+    linen = _run(variants, ("linen", "jit"), config, tmp_path / "linen", params)
+    nnx = _run(variants, ("nnx", "jit"), config, tmp_path / "nnx", params)
+    assert len(_curve(linen)) == 12
+    np.testing.assert_allclose(_curve(nnx), _curve(linen), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_curve(nnx, "grad_norm"), _curve(linen, "grad_norm"), rtol=1e-4)
+    np.testing.assert_allclose(_curve(nnx, "eval_loss"), _curve(linen, "eval_loss"), rtol=1e-5)
+    assert _curve(linen)[-1] < _curve(linen)[0]
+
+
+@pytest.mark.parametrize("model_api", ["nnx", "linen"])
+def test_jit_and_pmap_give_the_same_loss_curve(variants, tmp_path, model_api):
+    config = _parity_config(variants["nnx", "jit"][1])
+    jit = _run(variants, (model_api, "jit"), config, tmp_path / "jit")
+    pmap = _run(variants, (model_api, "pmap"), config, tmp_path / "pmap")
+    np.testing.assert_allclose(_curve(jit), _curve(pmap), rtol=1e-5, atol=1e-6)
+    for name in ("train_accuracy", "eval_accuracy"):
+        np.testing.assert_allclose(_curve(jit, name), _curve(pmap, name), atol=1e-6)
+    np.testing.assert_allclose(_curve(jit, "eval_loss"), _curve(pmap, "eval_loss"), rtol=1e-5)
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, (*prefix, str(key))))
+        else:
+            out[(*prefix, str(key))] = value
+    return out
+
+
+def test_readme_documents_the_commands(tmp_path):
+    project = generate(tmp_path, project_name="docs check")
+    readme = (project / "README.md").read_text()
+    for needle in (
+        "python main.py --config=configs/default.py --workdir=",
+        "--config.",
+        "tensorboard --logdir",
+        "resume",
+        "--coordinator_address",
+    ):
+        assert needle in readme, needle
+    assert not re.search(r"\{\{|\{%", readme)
