@@ -59,7 +59,10 @@ def main(argv: list[str]) -> None:
     import tensorflow as tf
 
     # TensorFlow only reads data here: keep it off the GPUs/TPUs, which belong to JAX.
-    tf.config.set_visible_devices([], "GPU")
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices
+        pass
 
     import jax
     from plugins.config_errors import ConfigError

@@ -48,6 +48,8 @@ def test_finished_run_only_evaluates(tmp_path):
     config.num_train_steps = 4
     config.log_every_steps = 2
     config.optimizer.schedule.warmup_steps = 2
+    config.optimizer.ema_decay = 0.9  # evaluates the EMA parameters
+    config.half_precision = True  # bfloat16 compute
     train.train_and_evaluate(config, str(tmp_path))
     again = train.train_and_evaluate(config, str(tmp_path))
     assert "train_loss" not in again

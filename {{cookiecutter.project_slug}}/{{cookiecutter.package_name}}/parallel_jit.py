@@ -38,6 +38,9 @@ class DataParallel:
         self.replicated = sharding.replicated_sharding(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.num_devices = self.mesh.size
+        # Arrays typed exactly like the compiled steps' outputs, so that feeding either kind to
+        # a step never compiles it a second time.
+        self._as_step_output = jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
     def check_batch_size(self, batch_size: Any, key: str) -> None:
         """Raises ``ConfigError`` unless ``batch_size`` divides over every device."""
@@ -55,7 +58,7 @@ class DataParallel:
 
     def put_state(self, state: Any) -> Any:
         """Replicates a host state (or metrics) over the mesh."""
-        return sharding.place_replicated(state, self.mesh)
+        return self._as_step_output(sharding.place_replicated(state, self.mesh))
 
     def host_state(self, state: Any) -> Any:
         """The state as checkpointed: global arrays are saved as they are."""

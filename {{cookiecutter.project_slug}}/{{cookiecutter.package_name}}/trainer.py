@@ -245,13 +245,15 @@ def run(
         workdir_path / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True),
     )
-    host_state = task.state
+    state = dp.put_state(task.state)
     latest = checkpoints.latest_step()
     if latest is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, host_state)
-        host_state = checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
+        # Restore straight into the layout checkpoints are saved from (global arrays under jit).
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, dp.host_state(state))
+        restored = checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
+        state = dp.put_state(restored)
         logging.info("Resumed from the checkpoint of step %d in %s", latest, workdir_path)
-    initial_step = task.step_of(host_state)
+    initial_step = task.step_of(dp.host_state(state))
 
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_chief)
     plot_thread = None
@@ -272,8 +274,6 @@ def run(
             )
             plot_thread.start()
 
-    state = dp.put_state(host_state)
-    del host_state
     empty_train = dp.put_state(TrainMetrics.empty())
     empty_eval = dp.put_state(EvalMetrics.empty())
     train_step = dp.compile_train_step(task.train_step)
