@@ -11,6 +11,7 @@ variables, or run under a cluster JAX detects itself, e.g. SLURM or Cloud TPU).
 from __future__ import annotations
 
 import logging as std_logging
+import re
 import sys
 
 from absl import app, flags, logging
@@ -41,6 +42,21 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or not any(
             part in record.pathname.replace("\\", "/") for part in self.NOISY
         )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses the flags; a ``--config.key`` override of a key that does not exist (the config is
+    locked) ends the program with one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:  # e.g. --config.num_train_steps=abc
+        sys.exit(f"flag error: {error}")
+    except (AttributeError, KeyError) as error:  # e.g. --config.num_train_step=5
+        text = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\n", " ")
+        match = re.match(r"^\W*(\w+)\\?'\s*(.*)$", text.rstrip("'"))
+        if match:
+            text = f"{match.group(1)!r}. {match.group(2)}"
+        sys.exit(f"config error: unknown key {text}")
 
 
 def main(argv: list[str]) -> None:
@@ -81,4 +97,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -97,6 +99,22 @@ def test_bad_config_fails_before_training(tmp_path, key, value, message):
     node[leaf] = value
     with pytest.raises(ConfigError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_line_misspelled_override_is_one_line(tmp_path):
+    project = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/quick.py", f"--workdir={tmp_path / 'run'}",
+         "--config.num_train_step=5"],
+        cwd=project, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "config error: unknown key 'num_train_step'. "
+        'Did you mean "num_train_steps" instead of "num_train_step"?'
+    )
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
