@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/nox -s demo
 
 test: $(STAMP)
-	$(BIN)/nox -s lint tests
+	$(BIN)/nox -s lint tests template
 
 lint: $(STAMP)
 	$(BIN)/nox -s lint
