@@ -23,6 +23,9 @@ class DataParallel:
     def __init__(self) -> None:
         self.local_devices = jax.local_device_count()
         self.num_devices = jax.device_count()
+        # Arrays typed exactly like the compiled steps' outputs, so that feeding either kind to
+        # a step never compiles it a second time.
+        self._as_step_output = jax.pmap(lambda tree: tree, axis_name=AXIS_NAME)
 
     def check_batch_size(self, batch_size: Any, key: str) -> None:
         """Raises ``ConfigError`` unless ``batch_size`` divides over every device."""
@@ -40,7 +43,7 @@ class DataParallel:
 
     def put_state(self, state: Any) -> Any:
         """Replicates a host state (or metrics) on every local device."""
-        return sharding.replicate(state)
+        return self._as_step_output(sharding.replicate(state))
 
     def host_state(self, state: Any) -> Any:
         """One copy of the replicated state, as checkpointed."""
