@@ -1,7 +1,8 @@
 """Nox sessions: tests, lint, demo, bench (and, with the template, its variants).
 
 Sessions run in the environment nox itself runs in (``make`` bootstraps ``.venv`` with
-everything installed), so no session downloads jax again.
+everything installed), so no session downloads jax again. Tools are run as
+``sys.executable -m tool`` so they come from that environment, never from the PATH.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 nox.options.default_venv_backend = "none"
 
+LINTED = ("plugins", "tests", "benchmarks", "hooks", "noxfile.py")
 EIGHT_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
@@ -25,14 +27,18 @@ EIGHT_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 def tests(session: nox.Session) -> None:
     """Runs the plugins test suite on 8 simulated CPU devices."""
     workers = os.environ.get("PYTEST_WORKERS", "2")
-    session.run("pytest", "-q", "-n", workers, *session.posargs, env=EIGHT_CPU_DEVICES)
+    session.run(
+        sys.executable, "-m", "pytest", "-q", "-n", workers, *session.posargs, env=EIGHT_CPU_DEVICES
+    )
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """Lints with ruff."""
-    session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", ".")
+    # Explicit paths: the template folder holds Jinja (its pyproject.toml is not TOML until
+    # generated); the template session lints each generated project instead.
+    session.run(sys.executable, "-m", "ruff", "check", *LINTED)
+    session.run(sys.executable, "-m", "ruff", "format", "--check", *LINTED)
 
 
 TEMPLATE_VARIANTS = {"model_api": ["nnx", "linen"], "parallelism": ["jit", "pmap"]}
@@ -135,4 +141,4 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Runs the benchmarks and prints side-by-side ratios."""
-    session.run("python", "-m", "benchmarks.run", *session.posargs)
+    session.run(sys.executable, "-m", "benchmarks.run", *session.posargs)
