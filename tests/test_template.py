@@ -321,3 +321,17 @@ def test_readme_documents_the_commands(tmp_path):
     ):
         assert needle in readme, needle
     assert not re.search(r"\{\{|\{%", readme)
+
+
+def test_interactive_prompts_answered_on_stdin(tmp_path):
+    # Name, then Enter for the derived slug, package, description and author, then the choices.
+    answers = "My Net\n\n\n\n\n2\n2\n"
+    result = subprocess.run(
+        [str(BIN / "cookiecutter"), str(REPO), "-o", str(tmp_path)],
+        input=answers, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Flax model API" in result.stdout and "Data parallelism" in result.stdout
+    project = tmp_path / "my-net"
+    assert "train_state.TrainState" in (project / "my_net" / "train.py").read_text()
+    assert "jax.pmap" in (project / "my_net" / "parallel.py").read_text()
