@@ -43,7 +43,11 @@ def _model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> n
 
 def _init_variables(model: nn.Module, config: ml_collections.ConfigDict, input_shape) -> dict:
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    return jax.jit(lambda key: model.init(key, dummy, train=False))(jax.random.key(config.seed))
+    # Run once: compiled without XLA's backend optimisations (seconds faster on a CPU).
+    init = jax.jit(
+        lambda key: model.init(key, dummy, train=False), compiler_options=trainer.RUN_ONCE_OPTIONS
+    )
+    return init(jax.random.key(config.seed))
 
 
 def build_task(
@@ -105,6 +109,7 @@ def build_task(
             labels=labels,
             grads=grads,
             learning_rate=optim.learning_rate(state.opt_state),
+            nonfinite_count=optim.nonfinite_count(state.opt_state),
         )
         return state, metrics.merge(step_metrics)
 
