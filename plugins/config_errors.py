@@ -48,3 +48,21 @@ def check_keys(config: Mapping[str, Any], valid: Iterable[str], where: str) -> N
     for key in config:
         if key not in valid:
             raise unknown("key", f"{where}.{key}", key, valid)
+
+
+def check_positive_int(value: Any, key: str) -> None:
+    """Raises ``ConfigError`` unless ``value`` is an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be an int >= 1, got {value!r}")
+
+
+def check_positive_ints(value: Any, key: str) -> None:
+    """Raises ``ConfigError`` unless ``value`` is a non-empty list or tuple of ints >= 1."""
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
+        raise ConfigError(
+            f"{key} must be a non-empty tuple of ints >= 1, e.g. (32, 64); got {value!r}"
+        )

@@ -34,6 +34,7 @@ SHIPPED = {
     "configs/mnist.py",
     "configs/cifar10.py",
     "tests/conftest.py",
+    "tests/test_config_errors.py",
     "tests/test_train.py",
 }
 PACKAGE_FILES = {"__init__.py", "input_pipeline.py", "trainer.py", *VARIANT_FILES}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging as std_logging
 import re
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -59,6 +60,30 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"config error: unknown key {text}")
 
 
+def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]]]:
+    """Runs ``train.train_and_evaluate(config, workdir)``; a bad config ends the program.
+
+    Every config mistake raises ``ConfigError`` before anything compiles and before anything
+    is created or written in ``workdir``; here it becomes one line on stderr,
+    ``config error: <what is wrong and what is valid>``, and exit code 1 (``SystemExit``).
+    SIGTERM (preemption) saves a checkpoint and exits with code 143; a NaN/Inf loss without
+    ``optimizer.skip_nonfinite`` exits with code 1 and ``non-finite: ...`` naming the step.
+    """
+    from plugins.config_errors import ConfigError
+
+    from {{ cookiecutter.package_name }} import train, trainer
+
+    try:
+        return train.train_and_evaluate(config, workdir)
+    except ConfigError as error:
+        sys.exit("config error: " + " ".join(str(error).split()))
+    except trainer.Preempted as stopped:  # SIGTERM: a checkpoint was saved; rerun to resume
+        print(stopped, file=sys.stderr, flush=True)
+        sys.exit(trainer.Preempted.EXIT_CODE)
+    except trainer.NonFiniteError as error:  # the last good checkpoint is intact
+        sys.exit(f"non-finite: {error}")
+
+
 def main(argv: list[str]) -> None:
     """Sets up JAX and TensorFlow, then runs ``train.train_and_evaluate``."""
     if len(argv) > 1:
@@ -81,16 +106,10 @@ def main(argv: list[str]) -> None:
         pass
 
     import jax
-    from plugins.config_errors import ConfigError
-
-    from {{ cookiecutter.package_name }} import train
 
     logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())  # fmt: skip
-    try:
-        history = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    history = train_or_exit(FLAGS.config, FLAGS.workdir)
     if "eval_accuracy" in history:
         step, accuracy = history["eval_accuracy"][-1]
         print(f"final eval_accuracy {accuracy:.4f} at step {step}", flush=True)

@@ -4,7 +4,8 @@ Every layer is named like its twin in the NNX variant of this template (``conv_0
 ``dense/kernel``, ``head/bias``, ``stage_1_block_0/bn_0/scale``...), so parameters map one to one
 between the two APIs and the same config trains the same network in both.
 
-Add a model: write the module, then register it in ``MODELS`` with the config keys it takes.
+Add a model: write the module, then register it in ``MODELS`` with the config keys it takes
+(and how each is checked in ``OPTION_CHECKS``).
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ MODELS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
 }
 
 
+# How each model option is checked (a wrong type or value fails before anything is built).
+OPTION_CHECKS = {
+    "features": config_errors.check_positive_ints,
+    "dense": config_errors.check_positive_int,
+    "stage_sizes": config_errors.check_positive_ints,
+    "num_filters": config_errors.check_positive_int,
+}
+
+
 def check_model_config(model_config: Any) -> dict[str, Any]:
     """Returns the model's keyword arguments; raises ``ConfigError`` for an unknown model or key."""
     cfg = config_errors.as_dict(model_config)
@@ -121,6 +131,8 @@ def check_model_config(model_config: Any) -> dict[str, Any]:
     if name not in MODELS:
         raise config_errors.unknown("model", "model.name", name, MODELS)
     config_errors.check_keys(cfg, MODELS[name][1], "model")
+    for key, value in cfg.items():
+        OPTION_CHECKS.get(key, lambda *_: None)(value, f"model.{key}")
     return cfg
 
 

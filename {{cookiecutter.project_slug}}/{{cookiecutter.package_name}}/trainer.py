@@ -134,6 +134,12 @@ def validate_config(config: ml_collections.ConfigDict, model_check: Callable[[An
         raise config_errors.ConfigError(f"dataset must be a tfds name, got {cfg['dataset']!r}")
     if cfg["data_dir"] is not None and not isinstance(cfg["data_dir"], str):
         raise config_errors.ConfigError(f"data_dir must be a path or None, got {cfg['data_dir']!r}")
+    for key in ("model", "optimizer", "loss"):
+        if not isinstance(cfg[key], dict):
+            raise config_errors.ConfigError(
+                f"{key} must be a ConfigDict with a 'name', e.g. {key}=dict(name=...); "
+                f"got {cfg[key]!r}"
+            )
     model_check(config.model)
     losses.create(config.loss)
 

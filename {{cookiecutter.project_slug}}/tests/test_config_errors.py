@@ -1,0 +1,298 @@
+"""Every config mistake ends the run with one clear line, before anything compiles or is written.
+
+Most cases run in this process through ``main.train_or_exit``, the function ``main.py`` calls
+(a ``ConfigError`` becomes ``SystemExit("config error: ...")``, i.e. one line on stderr and exit
+code 1). A few run ``main.py`` for real to prove the exit code, the missing traceback and the
+untouched workdir end to end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.monitoring
+import ml_collections
+import pytest
+
+import main
+from configs import quick
+
+PROJECT = Path(__file__).resolve().parents[1]
+DELETE = object()  # as a value: remove the key
+
+# Every trace, lowering or compilation JAX does in this process (name, function name).
+_COMPILE_EVENTS: list[tuple[str, str]] = []
+
+
+def _record(name: str, *args, **kwargs) -> None:
+    if name.startswith("/jax/core/compile/"):
+        _COMPILE_EVENTS.append((name, str(kwargs.get("fun_name", ""))))
+
+
+jax.monitoring.register_event_duration_secs_listener(_record)
+
+
+def _set(tree: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        tree = tree[parent]
+    if value is DELETE:
+        del tree[leaf]
+    else:
+        tree[leaf] = value
+
+
+def from_file(key: str, value) -> ml_collections.ConfigDict:
+    """``configs/quick.py`` with ``key`` set to ``value`` as a config file could write it (any
+    type, new keys allowed)."""
+    tree = quick.get_config().to_dict()
+    _set(tree, key, value)
+    return ml_collections.ConfigDict(tree)
+
+
+def from_override(key: str, value) -> ml_collections.ConfigDict:
+    """``configs/quick.py`` changed the way ``--config.key=value`` changes it: the config is
+    locked and keeps its types (a misspelled key or a wrong type is a flag error, tested below)."""
+    config = quick.get_config()
+    config.lock()
+    config.update_from_flattened_dict({key: value})
+    return config
+
+
+# (how the mistake is made, key, value, what the one line must say)
+CASES = [
+    # misspelled keys, at the top level and nested
+    (
+        from_file,
+        "num_train_step",
+        5,
+        "unknown key 'num_train_step' at config.num_train_step (did you mean 'num_train_steps'?)",
+    ),
+    (
+        from_file,
+        "optimzer",
+        dict(name="adam", learning_rate=1e-3),
+        "at config.optimzer (did you mean 'optimizer'?)",
+    ),
+    (
+        from_file,
+        "optimizer.learning_rat",
+        1e-3,
+        "at optimizer.learning_rat (did you mean 'learning_rate'?)",
+    ),
+    (
+        from_file,
+        "optimizer.schedule.warmup_step",
+        3,
+        "at optimizer.schedule.warmup_step (did you mean 'warmup_steps'?)",
+    ),
+    (
+        from_file,
+        "optimizer.kwargs",
+        dict(b3=0.9),
+        "'b3' at optimizer.kwargs.b3 (did you mean 'b2', 'b1'?)",
+    ),
+    (
+        from_file,
+        "loss.label_smoothng",
+        0.1,
+        "at loss.label_smoothng (did you mean 'label_smoothing'?)",
+    ),
+    (from_file, "model.featurs", (8,), "at model.featurs (did you mean 'features'?)"),
+    (from_file, "loss", DELETE, "config is missing the key(s) loss"),
+    # unknown names
+    (
+        from_file,
+        "optimizer.name",
+        "adamm",
+        "unknown optimizer 'adamm' at optimizer.name (did you mean 'adam'",
+    ),
+    (
+        from_override,
+        "optimizer.name",
+        "sgdd",
+        "unknown optimizer 'sgdd' at optimizer.name (did you mean 'sgd'",
+    ),
+    (
+        from_file,
+        "optimizer.schedule.name",
+        "cosin",
+        "unknown schedule 'cosin' at optimizer.schedule.name (did you mean 'cosine'",
+    ),
+    (
+        from_file,
+        "loss.name",
+        "cross_entropy",
+        "unknown loss 'cross_entropy' at loss.name (did you mean 'softmax_cross_entropy'",
+    ),
+    (
+        from_override,
+        "model.name",
+        "resnett",
+        "unknown model 'resnett' at model.name (did you mean 'resnet'?)",
+    ),
+    (from_file, "dataset", "mnistt", "unknown dataset 'mnistt' at dataset (did you mean 'mnist'"),
+    (
+        from_override,
+        "dataset",
+        "cifar_10",
+        "unknown dataset 'cifar_10' at dataset (did you mean 'cifar10'",
+    ),
+    # wrong types (a config file can write any type; overrides are type-checked by the flags)
+    (from_file, "num_train_steps", "abc", "num_train_steps must be an int >= 1, got 'abc'"),
+    (from_file, "batch_size", 64.0, "batch_size must be an int >= 1, got 64.0"),
+    (from_file, "half_precision", "yes", "half_precision must be True or False, got 'yes'"),
+    (from_file, "model", "cnn", "model must be a ConfigDict with a 'name'"),
+    (from_file, "model.features", 8, "model.features must be a non-empty tuple of ints >= 1"),
+    (from_file, "optimizer.learning_rate", "fast", "optimizer.learning_rate"),
+    (from_file, "optimizer.weight_decay", "lots", "optimizer.weight_decay"),
+    (from_file, "data_dir", 3, "data_dir must be a path or None, got 3"),
+    # values out of range
+    (
+        from_override,
+        "batch_size",
+        12,
+        "batch_size=12 does not divide over the 8 devices; use a multiple of 8",
+    ),
+    (
+        from_override,
+        "eval_batch_size",
+        100,
+        "eval_batch_size=100 does not divide over the 8 devices",
+    ),
+    (
+        from_override,
+        "optimizer.schedule.warmup_steps",
+        100,
+        "optimizer.schedule.warmup_steps = 100 is longer than training (total_steps = 20)",
+    ),
+    (
+        from_override,
+        "optimizer.learning_rate",
+        -1.0,
+        "optimizer.learning_rate must be > 0, got -1.0",
+    ),
+    (from_override, "optimizer.learning_rate", 0.0, "optimizer.learning_rate must be > 0, got 0.0"),
+    (from_override, "seed", -1, "seed must be an int >= 0, got -1"),
+    (from_override, "log_every_steps", 0, "log_every_steps must be an int >= 1, got 0"),
+    (from_override, "model.dense", -3, "model.dense must be an int >= 1, got -3"),
+    (
+        from_override,
+        "model.features",
+        (32, 0),
+        "model.features must be a non-empty tuple of ints >= 1",
+    ),
+    (from_file, "optimizer.clip_global_norm", -1.0, "optimizer.clip_global_norm must be > 0"),
+    (from_file, "optimizer.accumulate_steps", 0, "optimizer.accumulate_steps must be an int >= 1"),
+    (from_file, "optimizer.ema_decay", 1.5, "optimizer.ema_decay must be None or in (0, 1)"),
+    (
+        from_override,
+        "loss.label_smoothing",
+        2.0,
+        "loss.label_smoothing for 'softmax_cross_entropy' must be a number in [0.0, 1.0)",
+    ),
+    # path regexes that match no parameter (known only once the parameters exist)
+    (
+        from_file,
+        "optimizer.weight_decay_mask",
+        ["matrix"],
+        "regex 'matrix' matches no parameter; paths are: conv_0/bias",
+    ),
+    (from_file, "optimizer.freeze", ["^backbone/"], "regex '^backbone/' matches no parameter"),
+]
+# Mistakes found only once the parameters exist: the model is initialised (small eager ops
+# compile), but no train or eval step is traced or compiled.
+NEEDS_PARAMS = {"optimizer.weight_decay_mask", "optimizer.freeze"}
+
+
+@pytest.mark.parametrize(
+    "make, key, value, message",
+    CASES,
+    ids=[f"{make.__name__}:{key}={value!r}" for make, key, value, _ in CASES],
+)
+def test_bad_config_is_one_line_before_anything_compiles(tmp_path, make, key, value, message):
+    config = make(key, value)
+    workdir = tmp_path / "run"
+    _COMPILE_EVENTS.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        main.train_or_exit(config, str(workdir))
+    line = exit_info.value.code
+    assert isinstance(line, str), line  # sys.exit(str): printed to stderr, exit code 1
+    assert line.startswith("config error: ") and "\n" not in line, line
+    assert message in line, line
+    assert not workdir.exists()  # nothing created: no workdir, checkpoints or event file
+    if key in NEEDS_PARAMS:
+        steps = [f for _, f in _COMPILE_EVENTS if "step" in f]
+        assert not steps, steps
+    else:
+        assert not _COMPILE_EVENTS, _COMPILE_EVENTS
+
+
+def test_at_least_25_configs_are_checked():
+    assert len(CASES) >= 25
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    }
+
+
+def _main(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "main.py", *args], cwd=PROJECT, capture_output=True, text=True, timeout=300
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().endswith(lines[0])
+    return lines[0]
+
+
+def test_config_file_mistake_leaves_an_existing_workdir_untouched(tmp_path):
+    # A run that already has a workdir (checkpoints, events) is restarted with a broken config.
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "10").mkdir(parents=True)
+    (workdir / "checkpoints" / "10" / "state").write_text("checkpoint")
+    (workdir / "events.out.tfevents.1").write_text("events")
+    before = _snapshot(workdir)
+    config_file = tmp_path / "broken.py"
+    config_file.write_text(
+        "from configs import quick\n\n\n"
+        "def get_config():\n"
+        "    config = quick.get_config()\n"
+        "    config.optimizer.name = 'adamm'\n"
+        "    return config\n"
+    )
+    result = _main(tmp_path, f"--config={config_file}", f"--workdir={workdir}")
+    line = _one_line(result)
+    assert line.startswith("config error: unknown optimizer 'adamm' at optimizer.name"), line
+    assert _snapshot(workdir) == before
+
+
+def test_override_of_the_wrong_type_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    result = _main(
+        tmp_path, "--config=configs/quick.py", f"--workdir={workdir}", "--config.batch_size=abc"
+    )
+    line = _one_line(result)
+    assert line.startswith("flag error: ") and "batch_size" in line, line
+    assert not workdir.exists()
+
+
+def test_override_that_does_not_divide_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    result = _main(
+        tmp_path, "--config=configs/quick.py", f"--workdir={workdir}", "--config.batch_size=12"
+    )
+    line = _one_line(result)
+    assert line == (
+        "config error: batch_size=12 does not divide over the 8 devices; use a multiple of 8"
+    )
+    assert not workdir.exists()
