@@ -10,11 +10,19 @@ pure step functions -- and :func:`run` drives it:
   never waits for the host except at log, eval and checkpoint steps;
 - metrics go to TensorBoard and the console (clu metric writers; only process 0 writes);
 - orbax checkpoints go to ``<workdir>/checkpoints`` every ``checkpoint_every_steps`` and at the
-  end, and a rerun resumes from the latest one, data position included.
+  end, and a rerun resumes from the latest one, data position included;
+- SIGTERM (preemption) finishes the current step, saves a checkpoint and raises :class:`Preempted`;
+  a rerun continues exactly as if never stopped (the checkpoint holds the train state and the
+  metrics accumulated since the last log step; the data depend only on the step);
+- a NaN/Inf loss or gradient is skipped and counted with ``optimizer.skip_nonfinite``, else it
+  stops the run with :class:`NonFiniteError` naming its step; no checkpoint holding NaN/Inf is
+  ever written. It is detected on the devices and read only at log, eval and checkpoint steps.
 """
 
 import collections
 import dataclasses
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -51,16 +59,136 @@ TOP_LEVEL_KEYS = (
 )
 # Extra ``update`` arguments of some optimizers that the train steps can supply.
 SUPPORTED_UPDATE_ARGS = frozenset({"value", "grad", "obj_fn", "value_fn"})
+# XLA options of programs that run once (parameter initialisation): without backend
+# optimisations they compile several times faster, and their speed does not matter.
+RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def _finite_average(name: str) -> type[metrics.Average]:
+    """Average of the output ``name`` over the steps whose loss and gradients were finite."""
+
+    @flax.struct.dataclass
+    class FiniteAverage(metrics.Average):
+        @classmethod
+        def from_model_output(cls, **outputs: Any) -> metrics.Average:
+            keep = outputs["finite"]
+            total = jnp.where(keep, outputs[name], 0.0).astype(jnp.float32)
+            return cls(total=total, count=keep.astype(jnp.int32))
+
+    return FiniteAverage
+
+
+@flax.struct.dataclass
+class FirstNonfinite(metrics.Metric):
+    """Where the first step with a NaN/Inf loss or gradient lies among the steps merged.
+
+    ``compute()`` counts back from the last step merged: 1 if it was the last one, ``k`` if it was
+    ``k - 1`` steps before; 0 if every step was finite.
+    """
+
+    steps: jax.Array  # steps merged
+    first: jax.Array  # index of the first non-finite one among them; -1: none
+
+    @classmethod
+    def empty(cls) -> "FirstNonfinite":
+        return cls(steps=jnp.array(0, jnp.int32), first=jnp.array(-1, jnp.int32))
+
+    @classmethod
+    def from_model_output(cls, *, finite: jax.Array, **_: Any) -> "FirstNonfinite":
+        first = jnp.where(finite, -1, 0).astype(jnp.int32)
+        return cls(steps=jnp.ones_like(first), first=first)
+
+    def merge(self, other: "FirstNonfinite") -> "FirstNonfinite":
+        later = jnp.where(other.first >= 0, self.steps + other.first, -1)
+        first = jnp.where(self.first >= 0, self.first, later)
+        return type(self)(steps=self.steps + other.steps, first=first)
+
+    def _reduce_merge(self, other: "FirstNonfinite") -> "FirstNonfinite":
+        # The same step seen by several devices: non-finite if it was on any.
+        return type(self)(steps=self.steps, first=jnp.maximum(self.first, other.first))
+
+    def compute(self) -> jax.Array:
+        return jnp.where(self.first >= 0, self.steps - self.first, 0)
 
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-    """Training metrics, averaged over the steps between two log steps."""
+    """Training metrics, averaged over the steps between two log steps.
 
-    train_loss: metrics.Average.from_output("loss")
-    train_accuracy: metrics.Average.from_output("accuracy")
-    grad_norm: metrics.Average.from_output("grad_norm")
+    Steps whose loss or gradients were NaN/Inf (skipped with ``optimizer.skip_nonfinite``) are
+    left out of the averages; ``nonfinite_count`` is the optimizer's running total of them and
+    ``first_nonfinite`` (not logged) locates the first one for the trainer's check.
+    """
+
+    train_loss: _finite_average("loss")
+    train_accuracy: _finite_average("accuracy")
+    grad_norm: _finite_average("grad_norm")
     learning_rate: metrics.LastValue.from_output("learning_rate")
+    nonfinite_count: metrics.LastValue.from_output("nonfinite_count")
+    first_nonfinite: FirstNonfinite
+
+
+class Preempted(Exception):  # noqa: N818 -- not an error: the run stopped as asked
+    """Training stopped on SIGTERM after saving a checkpoint at ``step``; rerun to resume.
+
+    ``history`` holds what was logged before stopping. ``main.py`` exits with ``EXIT_CODE``
+    (128 + SIGTERM, what the shell reports for a process SIGTERM ended), so schedulers see a
+    preempted run, not a finished one.
+    """
+
+    EXIT_CODE = 143
+
+    def __init__(self, step: int, history: dict[str, list[tuple[int, float]]]) -> None:
+        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun to resume")
+        self.step = step
+        self.history = history
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients became NaN/Inf at ``step`` without ``optimizer.skip_nonfinite``."""
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class _PreemptionNotice:
+    """Turns SIGTERM into a flag the loop reads once per step (a Python bool, no device sync).
+
+    With several processes, JAX's preemption service (started by ``jax.distributed``) catches
+    SIGTERM instead, and every process stops at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._multihost = jax.process_count() > 1
+
+    def __enter__(self) -> "_PreemptionNotice":
+        if not self._multihost and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._notice)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _notice(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            logging.warning("SIGTERM: saving a checkpoint after this step, then stopping.")
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after ``step``."""
+        if self._multihost:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # jax.distributed without its preemption service
+                return False
+        return self.requested
 
 
 @flax.struct.dataclass
@@ -152,14 +280,22 @@ def train_metrics(
     labels: jax.Array,
     grads: Any,
     learning_rate: jax.Array,
+    nonfinite_count: jax.Array | int = 0,
 ) -> TrainMetrics:
-    """One train step's metrics (inside the step; ``grads`` already averaged over devices)."""
+    """One train step's metrics (inside the step; ``grads`` already averaged over devices).
+
+    ``nonfinite_count`` is ``optim.nonfinite_count(opt_state)``: the steps skipped so far.
+    """
+    loss = loss.astype(jnp.float32)
+    grad_norm = optax.global_norm(grads).astype(jnp.float32)  # NaN/Inf if any gradient is
     return dp.metrics_from_output(
         TrainMetrics,
-        loss=loss.astype(jnp.float32),
+        loss=loss,
         accuracy=losses.accuracy(logits, labels).astype(jnp.float32),
-        grad_norm=optax.global_norm(grads).astype(jnp.float32),
+        grad_norm=grad_norm,
         learning_rate=jnp.asarray(learning_rate, jnp.float32),
+        nonfinite_count=jnp.asarray(nonfinite_count, jnp.float32),
+        finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     )
 
 
@@ -203,6 +339,21 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _scalars(collection: Any) -> dict[str, float]:
     return {name: float(value) for name, value in collection.compute().items()}
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every float in ``tree`` is finite (checked before each checkpoint is saved)."""
+    leaves = jax.tree.leaves(tree)
+    checks = [jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.array(True)
+
+
+def _save_plot(optimizer_config: Any, *, total_steps: int, path: Path) -> None:
+    """Writes the LR plot under a temporary name, then renames it: a kill never leaves half."""
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+    schedules.save_plot(optimizer_config, total_steps=total_steps, path=partial)
+    os.replace(partial, path)
 
 
 def run(
@@ -249,15 +400,26 @@ def run(
     is_chief = jax.process_index() == 0
     checkpoints = ocp.CheckpointManager(
         workdir_path / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True),
+        # orbax writes a checkpoint into '<step>.orbax-checkpoint-tmp' and renames it when
+        # complete: a save killed midway leaves only that folder, which latest_step() never
+        # picks and which is deleted here.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=3, create=True, cleanup_tmp_directories=True
+        ),
     )
     state = dp.put_state(task.state)
+    empty_train = dp.put_state(TrainMetrics.empty())
+    accumulated = empty_train  # train metrics since the last log step
     latest = checkpoints.latest_step()
     if latest is not None:
         # Restore straight into the layout checkpoints are saved from (global arrays under jit).
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, dp.host_state(state))
+        # A checkpoint also holds the train metrics accumulated since the last log step, so a
+        # resumed run logs exactly what an uninterrupted one would.
+        saved = dict(state=dp.host_state(state), train_metrics=dp.host_state(empty_train))
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
         restored = checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
-        state = dp.put_state(restored)
+        state = dp.put_state(restored["state"])
+        accumulated = dp.put_state(restored["train_metrics"])
         logging.info("Resumed from the checkpoint of step %d in %s", latest, workdir_path)
     initial_step = task.step_of(dp.host_state(state))
 
@@ -273,14 +435,13 @@ def run(
         if not plot.exists():  # matplotlib is slow to import: plot while the steps compile
             accumulate = config.optimizer.get("accumulate_steps", 1) or 1
             plot_thread = threading.Thread(
-                target=schedules.save_plot,
+                target=_save_plot,
                 args=(config.optimizer,),
                 kwargs=dict(total_steps=max(total_steps // accumulate, 1), path=plot),
                 daemon=True,
             )
             plot_thread.start()
 
-    empty_train = dp.put_state(TrainMetrics.empty())
     empty_eval = dp.put_state(EvalMetrics.empty())
     train_step = dp.compile_train_step(task.train_step)
     eval_step = dp.compile_eval_step(task.eval_step)
@@ -300,6 +461,39 @@ def run(
             totals = eval_step(state, totals, batch)
         return _scalars(dp.to_host(totals))
 
+    skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
+
+    def check_finite(step: int, back: float) -> None:
+        """Stops the run if a step up to ``step`` had a NaN/Inf loss or gradient (``back`` is
+        ``FirstNonfinite.compute()``), unless the optimizer skips such steps."""
+        if not back or skip_nonfinite:
+            return
+        first = step - int(back) + 1
+        good = checkpoints.latest_step()
+        kept = (
+            f"the last good checkpoint, step {good} in {workdir_path / 'checkpoints'}, is intact "
+            "and a rerun resumes from it"
+            if good is not None
+            else "no checkpoint was saved"
+        )
+        raise NonFiniteError(
+            first,
+            f"the loss or gradients became NaN/Inf at step {first} (found at step {step}); "
+            f"stopped without saving: {kept}. To skip such batches instead, set "
+            "--config.optimizer.skip_nonfinite=True",
+        )
+
+    def save_checkpoint(step: int, state: Any, accumulated: TrainMetrics) -> None:
+        saved = dict(state=dp.host_state(state), train_metrics=dp.host_state(accumulated))
+        if not bool(_all_finite(saved)):
+            raise NonFiniteError(
+                step,
+                f"the train state holds NaN/Inf at step {step}; not saving it (the last good "
+                f"checkpoint is step {checkpoints.latest_step()} in {workdir_path / 'checkpoints'})",
+            )
+        writer.flush()  # what was logged up to this checkpoint is on disk before it exists
+        checkpoints.save(step, args=ocp.args.StandardSave(saved))
+
     report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
     )
@@ -310,31 +504,46 @@ def run(
     logging.info("Training steps %d to %d on %d device(s).", initial_step + 1, total_steps,
                  dp.num_devices)  # fmt: skip
     start = time.monotonic()
-    accumulated = empty_train
-    with metric_writers.ensure_flushes(writer):
-        for step in range(initial_step + 1, total_steps + 1):
-            state, accumulated = train_step(state, accumulated, next(train_batches))
-            last = step == total_steps
-            if step % config.log_every_steps == 0 or last:
-                write(step, _scalars(dp.to_host(accumulated)))
-                accumulated = empty_train
-            report(step)
-            if step % config.eval_every_steps == 0 or last:
-                with report.timed("eval"):
-                    write(step, evaluate(state))
-            if step % config.checkpoint_every_steps == 0 or last:
-                with report.timed("checkpoint"):
-                    checkpoints.save(step, args=ocp.args.StandardSave(dp.host_state(state)))
-        if initial_step >= total_steps:
-            logging.info("Already trained %d steps; evaluating only.", initial_step)
-            write(initial_step, evaluate(state))
-    if hasattr(host_batches, "close"):
-        host_batches.close()
-    checkpoints.wait_until_finished()
-    checkpoints.close()
-    if plot_thread is not None:
-        plot_thread.join()
-    writer.close()
+    preemption = _PreemptionNotice()
+    preempted_at = None
+    try:
+        with preemption, metric_writers.ensure_flushes(writer):
+            for step in range(initial_step + 1, total_steps + 1):
+                state, accumulated = train_step(state, accumulated, next(train_batches))
+                last = step == total_steps
+                stop = not last and preemption.reached(step)
+                log = step % config.log_every_steps == 0 or last
+                evaluate_now = step % config.eval_every_steps == 0 or last
+                save = step % config.checkpoint_every_steps == 0 or last or stop
+                if log or evaluate_now or save:  # the only steps that wait for the devices
+                    scalars = _scalars(dp.to_host(accumulated))
+                    check_finite(step, scalars.pop("first_nonfinite"))
+                if log:
+                    write(step, scalars)
+                    accumulated = empty_train
+                report(step)
+                if evaluate_now:
+                    with report.timed("eval"):
+                        write(step, evaluate(state))
+                if save:
+                    with report.timed("checkpoint"):
+                        save_checkpoint(step, state, accumulated)
+                if stop:
+                    preempted_at = step
+                    break
+            if initial_step >= total_steps:
+                logging.info("Already trained %d steps; evaluating only.", initial_step)
+                write(initial_step, evaluate(state))
+    finally:
+        if hasattr(host_batches, "close"):
+            host_batches.close()
+        checkpoints.wait_until_finished()  # a checkpoint being written is completed
+        checkpoints.close()
+        if plot_thread is not None:
+            plot_thread.join()
+        writer.close()
+    if preempted_at is not None:
+        raise Preempted(preempted_at, dict(history))
     final = {name: values[-1][1] for name, values in history.items() if name.startswith("eval_")}
     logging.info("Done in %.1f s of training; final %s", time.monotonic() - start, final)
     return dict(history)

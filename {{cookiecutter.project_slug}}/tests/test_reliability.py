@@ -1,0 +1,257 @@
+"""Reliability: exact resume after SIGTERM/SIGKILL, and non-finite losses or gradients.
+
+The interrupted runs are separate processes (``main.py``) that a small driver stops from the
+inside at a random step: the data iterator sends the signal when it is asked for a batch, or
+orbax's commit of a checkpoint does (a kill in the middle of a checkpoint write). The NaN tests
+feed batches with NaN/Inf images at chosen steps by replacing ``input_pipeline.train_batches``
+for the test only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+
+from configs import quick
+from {{ cookiecutter.package_name }} import input_pipeline, train, trainer
+
+PROJECT = Path(__file__).resolve().parents[1]
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+NOT_REPRODUCIBLE = {"steps_per_sec", "uptime"}  # wall-clock timings
+
+# Runs main.py in this process after installing the interruption ACTION at the AT-th batch
+# this run asks for (the steps run two batches behind the data: that is the "random step"):
+#   sigkill, sigterm: the signal is sent to the process right there;
+#   sigkill-in-save, sigterm-in-save: sent inside the next checkpoint commit after that point
+#   (orbax has written the checkpoint into its temporary folder and not yet renamed it).
+DRIVER = """
+import asyncio, os, runpy, signal, sys
+action, at = sys.argv[1], int(sys.argv[2])
+sys.argv = ["main.py", *sys.argv[3:]]
+sys.path.insert(0, os.getcwd())
+from orbax.checkpoint._src.path import atomicity
+from {{ cookiecutter.package_name }} import input_pipeline
+
+fired = {"armed": False}
+signum = signal.SIGKILL if action.startswith("sigkill") else signal.SIGTERM
+original_batches = input_pipeline.train_batches
+original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+def train_batches(*args, **kwargs):
+    for index, batch in enumerate(original_batches(*args, **kwargs), 1):
+        if index == at:
+            fired["armed"] = True
+            if not action.endswith("-in-save"):
+                os.kill(os.getpid(), signum)
+        yield batch
+
+async def finalize(self):
+    if fired["armed"] and action.endswith("-in-save"):
+        fired["armed"] = False
+        os.kill(os.getpid(), signum)
+        await asyncio.sleep(0.5)  # SIGKILL lands here; SIGTERM's flag is set meanwhile
+    return await original_finalize(self)
+
+input_pipeline.train_batches = train_batches
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def _config():
+    """24 steps; logs, evaluations and checkpoints on different periods, so that an
+    interruption leaves metrics accumulated between two log steps in the checkpoint."""
+    config = quick.get_config()
+    config.num_train_steps = 24
+    config.log_every_steps = 3
+    config.eval_every_steps = 8
+    config.checkpoint_every_steps = 5
+    return config
+
+
+def _overrides(config) -> list[str]:
+    keys = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
+    return [f"--config.{key}={config[key]}" for key in keys]
+
+
+def _interrupted_run(workdir: Path, action: str, at: int) -> subprocess.CompletedProcess:
+    args = ["--config=configs/quick.py", f"--workdir={workdir}", *_overrides(_config())]
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, action, str(at), *args],
+        cwd=PROJECT, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _restore(workdir: Path, step: int):
+    """A checkpoint's state as numpy arrays (restored without a target: any layout works)."""
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "default")
+    return jax.tree.map(np.asarray, restored)
+
+
+def _logged(workdir: Path) -> dict[tuple[str, int], set[float]]:
+    """Every scalar in the workdir's TensorBoard event files: {(tag, step): {values}}."""
+    logged: dict[tuple[str, int], set[float]] = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        try:
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                for value in event.summary.value:
+                    array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
+                    if array is None or array.shape or array.dtype.kind != "f":
+                        continue  # hparams and other non-scalar summaries
+                    if value.tag not in NOT_REPRODUCIBLE:
+                        logged.setdefault((value.tag, event.step), set()).add(float(array))
+        except tf.errors.DataLossError:  # the last record of a killed run may be cut short
+            pass
+    return logged
+
+
+def _assert_same_run(workdir: Path, reference: Path, context: str) -> None:
+    """Final parameters and every logged metric equal the reference's, bitwise; a step logged
+    twice (before an interruption and again after it) holds the same value both times."""
+    logged, expected = _logged(workdir), _logged(reference)
+    repeated = {key: values for key, values in logged.items() if len(values) > 1}
+    assert not repeated, f"{context}: a step logged twice with different values: {repeated}"
+    assert {key: values.pop() for key, values in logged.items()} == {
+        key: values.pop() for key, values in expected.items()
+    }, context
+    final = _config().num_train_steps
+    got, want = _restore(workdir, final), _restore(reference, final)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=context)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("reference")
+    train.train_and_evaluate(_config(), str(workdir))
+    return workdir
+
+
+def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference):
+    """SIGKILL at a random step, SIGTERM at a random step, SIGKILL during a checkpoint write:
+    each rerun resumes from the latest complete checkpoint, and the run ends with the same
+    parameters and metrics as the uninterrupted one."""
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    context = f"random seed {seed}"
+    workdir = tmp_path / "run"
+
+    # SIGKILL at a random step: nothing but the steps since the last checkpoint is lost.
+    result = _interrupted_run(workdir, "sigkill", rng.randint(3, 14))
+    assert result.returncode == -signal.SIGKILL, (context, result.stderr[-3000:])
+    before = _checkpoint_steps(workdir) if (workdir / "checkpoints").exists() else []
+
+    # SIGTERM at a random step: the step finishes, a checkpoint of it is saved, exit code 143.
+    result = _interrupted_run(workdir, "sigterm", rng.randint(2, 6))
+    assert result.returncode == trainer.Preempted.EXIT_CODE, (context, result.stderr[-3000:])
+    assert "preempted (SIGTERM): checkpoint saved at step" in result.stderr.splitlines()[-1]
+    stopped = int(result.stderr.splitlines()[-1].split("at step ")[1].split(";")[0])
+    assert _checkpoint_steps(workdir)[-1] == stopped
+    assert stopped > (before[-1] if before else 0), context
+    assert not list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
+
+    # SIGKILL in the middle of writing a checkpoint: the partial one is ignored, then removed.
+    complete = _checkpoint_steps(workdir)
+    result = _interrupted_run(workdir, "sigkill-in-save", rng.randint(1, 4))
+    assert result.returncode == -signal.SIGKILL, (context, result.stderr[-3000:])
+    assert list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*")), "killed before writing"
+    assert _checkpoint_steps(workdir)[-1] >= complete[-1]
+    for step in _checkpoint_steps(workdir):  # every complete checkpoint restores
+        assert jax.tree.leaves(_restore(workdir, step))
+
+    # SIGTERM while a checkpoint is being written: that save completes, then one more step.
+    result = _interrupted_run(workdir, "sigterm-in-save", 1)
+    assert result.returncode == trainer.Preempted.EXIT_CODE, (context, result.stderr[-3000:])
+
+    train.train_and_evaluate(_config(), str(workdir))
+    assert not list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
+    _assert_same_run(workdir, reference, context)
+
+
+def _poisoned(steps: dict[int, float]):
+    """``input_pipeline.train_batches`` whose batch of each step in ``steps`` is filled with
+    that value (NaN or Inf): its loss and gradients are non-finite."""
+    original = input_pipeline.train_batches
+
+    def train_batches(config, *, batch_size, start_step):
+        batches = original(config, batch_size=batch_size, start_step=start_step)
+        for step, batch in enumerate(batches, start_step + 1):
+            if step in steps:
+                batch = dict(batch, image=np.full_like(batch["image"], steps[step]))
+            yield batch
+
+    return train_batches
+
+
+def test_nonfinite_batches_are_skipped_counted_and_logged(tmp_path, monkeypatch):
+    monkeypatch.setattr(input_pipeline, "train_batches", _poisoned({7: math.nan, 8: math.inf}))
+    config = quick.get_config()  # 20 steps, logs every 5, checkpoints at 10 and 20
+    config.optimizer.skip_nonfinite = True
+    history = train.train_and_evaluate(config, str(tmp_path))
+
+    assert history["nonfinite_count"] == [(5, 0.0), (10, 2.0), (15, 2.0), (20, 2.0)]
+    # The skipped steps are left out of the averages; training goes on.
+    for name in ("train_loss", "train_accuracy", "grad_norm", "eval_loss"):
+        assert all(math.isfinite(value) for _, value in history[name]), name
+    assert history["train_loss"][-1][1] < history["train_loss"][0][1]
+    assert _checkpoint_steps(tmp_path) == [10, 20]
+    for step in (10, 20):
+        state = _restore(tmp_path, step)
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if x.dtype.kind == "f")
+
+
+def test_nonfinite_without_skipping_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(input_pipeline, "train_batches", _poisoned({13: math.nan}))
+    config = quick.get_config()  # checkpoints at 10 and 20, logs every 5
+    with pytest.raises(trainer.NonFiniteError, match="NaN/Inf at step 13 ") as raised:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert raised.value.step == 13
+    assert "skip_nonfinite=True" in str(raised.value)
+    assert _checkpoint_steps(tmp_path) == [10]  # nothing after the NaN was saved
+    assert not list((tmp_path / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
+    state = _restore(tmp_path, 10)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if x.dtype.kind == "f")
+
+    # The command line: one line naming the step, a non-zero exit code.
+    result = subprocess.run(
+        [sys.executable, "-c", _NAN_DRIVER, "--config=configs/quick.py",
+         f"--workdir={tmp_path / 'cli'}", "--config.checkpoint_every_steps=5"],
+        cwd=PROJECT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("non-finite: the loss or gradients became NaN/Inf at step 7 "), last
+    assert "step 5" in last
+    assert _checkpoint_steps(tmp_path / "cli") == [5]
+
+
+# main.py with a NaN batch at step 7.
+_NAN_DRIVER = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import numpy as np
+from {{ cookiecutter.package_name }} import input_pipeline
+original = input_pipeline.train_batches
+def train_batches(config, *, batch_size, start_step):
+    for step, batch in enumerate(original(config, batch_size=batch_size, start_step=start_step),
+                                 start_step + 1):
+        yield dict(batch, image=batch["image"] * np.nan) if step == 7 else batch
+input_pipeline.train_batches = train_batches
+runpy.run_path("main.py", run_name="__main__")
+"""
