@@ -184,6 +184,18 @@ BAD_ANSWERS = [
     ({"project_name": "plugins"}, "would shadow"),
     ({"project_name": "test"}, "would shadow"),
     ({"project_name": "json"}, "would shadow"),
+    ({"project_name": "x", "project_slug": ""}, "project_slug is empty"),
+    ({"project_name": "x", "project_slug": "  "}, "project_slug is empty"),
+    ({"project_name": "x", "project_slug": ".."}, "no path separators"),
+    ({"project_name": "x", "project_slug": "/tmp/abs"}, "no path separators"),
+    ({"project_name": "x", "project_slug": " x"}, "no surrounding spaces"),
+    ({"project_name": "x", "project_slug": "-x"}, "must start with a letter or digit"),
+    ({"project_name": "x", "package_name": ""}, "package_name is empty"),
+    ({"project_name": "x", "package_name": "../x"}, "not a valid Python identifier"),
+    ({"project_name": "x", "package_name": "9lives"}, "starts with a digit"),
+    ({"project_name": "x", "package_name": "match"}, "is a Python keyword"),  # soft keyword
+    ({"project_name": "x", "package_name": "jax"}, "would shadow the module 'jax'"),
+    ({"project_name": "x", "package_name": "plugins"}, "would shadow the module 'plugins'"),
 ]
 
 
@@ -198,12 +210,25 @@ def test_bad_answer_stops_generation_and_leaves_nothing(tmp_path, capfd, answers
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "evil").exists() and not (tmp_path / "x").exists()
-    if answers.get("project_slug") == "a/b":
-        # cookiecutter makes <out>/a/b (parents included) before the hook runs and removes only
-        # <out>/a/b when it fails: an empty <out>/a remains, nothing the hook can prevent.
-        assert [p.name for p in out.rglob("*")] == ["a"]
-    else:
-        assert list(out.iterdir()) == []
+    # Checked before cookiecutter creates any folder: not even an empty parent of 'a/b' is left.
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("answers, message", BAD_ANSWERS, ids=[str(a) for a, _ in BAD_ANSWERS])
+def test_pre_generation_hook_rejects_the_same_answers(answers, message):
+    # The hook repeats the checks (hooks/answers.py), e.g. for a replayed context.
+    from hooks import answers as checks
+
+    full = {"project_name": "x", "model_api": "nnx", "parallelism": "jit", **answers}
+    slug = full.get("project_slug", full["project_name"].strip().lower().replace(" ", "-"))
+    full.setdefault("project_slug", slug)
+    full.setdefault("package_name", full["project_slug"].replace("-", "_").replace(".", "_"))
+    assert message in checks.problem(full)
+    assert checks.problem({**full, **GOOD}) is None
+
+
+GOOD = {"project_name": "Good", "project_slug": "good", "package_name": "good_pkg"}
 
 
 def test_unknown_choice_is_refused(tmp_path):

@@ -1,0 +1,1 @@
+"""Cookiecutter hooks of the template; ``hooks.answers`` also serves as a Jinja extension."""
