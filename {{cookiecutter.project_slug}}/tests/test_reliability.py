@@ -1,10 +1,11 @@
 """Reliability: exact resume after SIGTERM/SIGKILL, and non-finite losses or gradients.
 
-The interrupted runs are separate processes (``main.py``) that a small driver stops from the
-inside at a random step: the data iterator sends the signal when it is asked for a batch, or
-orbax's commit of a checkpoint does (a kill in the middle of a checkpoint write). The NaN tests
-feed batches with NaN/Inf images at chosen steps by replacing ``input_pipeline.train_batches``
-for the test only.
+Runs are stopped from the inside at a random step: the data iterator sends the signal when it is
+asked for a batch, or orbax's commit of a checkpoint does (an interruption in the middle of a
+checkpoint write). SIGKILLed runs are separate ``main.py`` processes; SIGTERM is caught by the
+trainer, so those runs stay in this process (through ``main.train_or_exit``, which turns it into
+the exit code). The NaN tests feed batches of NaN/Inf images at chosen steps by replacing
+``input_pipeline.train_batches`` for the test only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
+from orbax.checkpoint._src.path import atomicity
 
+import main
 from configs import quick
 from {{ cookiecutter.package_name }} import input_pipeline, train, trainer
 
@@ -29,11 +32,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 NOT_REPRODUCIBLE = {"steps_per_sec", "uptime"}  # wall-clock timings
 
-# Runs main.py in this process after installing the interruption ACTION at the AT-th batch
-# this run asks for (the steps run two batches behind the data: that is the "random step"):
-#   sigkill, sigterm: the signal is sent to the process right there;
-#   sigkill-in-save, sigterm-in-save: sent inside the next checkpoint commit after that point
-#   (orbax has written the checkpoint into its temporary folder and not yet renamed it).
+# Runs main.py after arranging for SIGKILL at the AT-th batch the run asks for (the steps run
+# up to two batches behind the data), or with ACTION sigkill-in-save, inside the next checkpoint
+# commit after that point: orbax has written the checkpoint into its temporary folder and not
+# yet renamed it.
 DRIVER = """
 import asyncio, os, runpy, signal, sys
 action, at = sys.argv[1], int(sys.argv[2])
@@ -84,7 +86,7 @@ def _overrides(config) -> list[str]:
     return [f"--config.{key}={config[key]}" for key in keys]
 
 
-def _interrupted_run(workdir: Path, action: str, at: int) -> subprocess.CompletedProcess:
+def _killed_run(workdir: Path, action: str, at: int) -> subprocess.CompletedProcess:
     args = ["--config=configs/quick.py", f"--workdir={workdir}", *_overrides(_config())]
     return subprocess.run(
         [sys.executable, "-c", DRIVER, action, str(at), *args],
@@ -135,6 +137,41 @@ def _assert_same_run(workdir: Path, reference: Path, context: str) -> None:
         np.testing.assert_array_equal(a, b, err_msg=context)
 
 
+@pytest.fixture
+def sigterm_to_self(monkeypatch):
+    """``arm(at, in_save)``: SIGTERM to this process at the ``at``-th batch of the next run, or
+    in the next checkpoint commit after it. A SIGTERM outside the trainer's loop is recorded
+    instead of ending pytest."""
+    stray = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stray.append(1))
+    original_batches = input_pipeline.train_batches
+    original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    def arm(at: int, in_save: bool = False) -> None:
+        armed = []
+
+        def train_batches(*args, **kwargs):
+            for index, batch in enumerate(original_batches(*args, **kwargs), 1):
+                if index == at:
+                    armed.append(1)
+                    if not in_save:
+                        signal.raise_signal(signal.SIGTERM)
+                yield batch
+
+        async def finalize(self):
+            if armed and in_save:
+                armed.clear()
+                signal.raise_signal(signal.SIGTERM)
+            return await original_finalize(self)
+
+        monkeypatch.setattr(input_pipeline, "train_batches", train_batches)
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+
+    yield arm
+    signal.signal(signal.SIGTERM, previous)
+    assert not stray, "SIGTERM arrived outside the training loop"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run."""
@@ -143,7 +180,7 @@ def reference(tmp_path_factory) -> Path:
     return workdir
 
 
-def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference):
+def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_to_self, capsys):
     """SIGKILL at a random step, SIGTERM at a random step, SIGKILL during a checkpoint write:
     each rerun resumes from the latest complete checkpoint, and the run ends with the same
     parameters and metrics as the uninterrupted one."""
@@ -153,32 +190,37 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference):
     workdir = tmp_path / "run"
 
     # SIGKILL at a random step: nothing but the steps since the last checkpoint is lost.
-    result = _interrupted_run(workdir, "sigkill", rng.randint(3, 14))
+    result = _killed_run(workdir, "sigkill", rng.randint(3, 14))
     assert result.returncode == -signal.SIGKILL, (context, result.stderr[-3000:])
     before = _checkpoint_steps(workdir) if (workdir / "checkpoints").exists() else []
 
     # SIGTERM at a random step: the step finishes, a checkpoint of it is saved, exit code 143.
-    result = _interrupted_run(workdir, "sigterm", rng.randint(2, 6))
-    assert result.returncode == trainer.Preempted.EXIT_CODE, (context, result.stderr[-3000:])
-    assert "preempted (SIGTERM): checkpoint saved at step" in result.stderr.splitlines()[-1]
-    stopped = int(result.stderr.splitlines()[-1].split("at step ")[1].split(";")[0])
-    assert _checkpoint_steps(workdir)[-1] == stopped
-    assert stopped > (before[-1] if before else 0), context
+    sigterm_to_self(rng.randint(2, 6))
+    with pytest.raises(SystemExit) as stopped:
+        main.train_or_exit(_config(), str(workdir))
+    assert stopped.value.code == trainer.Preempted.EXIT_CODE == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("preempted (SIGTERM): checkpoint saved at step "), line
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert _checkpoint_steps(workdir)[-1] == step > (before[-1] if before else 0), context
     assert not list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
 
     # SIGKILL in the middle of writing a checkpoint: the partial one is ignored, then removed.
     complete = _checkpoint_steps(workdir)
-    result = _interrupted_run(workdir, "sigkill-in-save", rng.randint(1, 4))
+    result = _killed_run(workdir, "sigkill-in-save", rng.randint(1, 4))
     assert result.returncode == -signal.SIGKILL, (context, result.stderr[-3000:])
     assert list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*")), "killed before writing"
     assert _checkpoint_steps(workdir)[-1] >= complete[-1]
     for step in _checkpoint_steps(workdir):  # every complete checkpoint restores
         assert jax.tree.leaves(_restore(workdir, step))
 
-    # SIGTERM while a checkpoint is being written: that save completes, then one more step.
-    result = _interrupted_run(workdir, "sigterm-in-save", 1)
-    assert result.returncode == trainer.Preempted.EXIT_CODE, (context, result.stderr[-3000:])
+    # SIGTERM while a checkpoint is being written: that save completes, the run stops soon after.
+    sigterm_to_self(1, in_save=True)
+    with pytest.raises(trainer.Preempted) as preempted:
+        train.train_and_evaluate(_config(), str(workdir))
+    assert _checkpoint_steps(workdir)[-1] == preempted.value.step < _config().num_train_steps
 
+    sigterm_to_self(0)  # disarmed
     train.train_and_evaluate(_config(), str(workdir))
     assert not list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
     _assert_same_run(workdir, reference, context)
@@ -228,30 +270,11 @@ def test_nonfinite_without_skipping_stops_and_keeps_the_last_checkpoint(tmp_path
     state = _restore(tmp_path, 10)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if x.dtype.kind == "f")
 
-    # The command line: one line naming the step, a non-zero exit code.
-    result = subprocess.run(
-        [sys.executable, "-c", _NAN_DRIVER, "--config=configs/quick.py",
-         f"--workdir={tmp_path / 'cli'}", "--config.checkpoint_every_steps=5"],
-        cwd=PROJECT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("non-finite: the loss or gradients became NaN/Inf at step 7 "), last
-    assert "step 5" in last
-    assert _checkpoint_steps(tmp_path / "cli") == [5]
-
-
-# main.py with a NaN batch at step 7.
-_NAN_DRIVER = """
-import os, runpy, sys
-sys.path.insert(0, os.getcwd())
-import numpy as np
-from {{ cookiecutter.package_name }} import input_pipeline
-original = input_pipeline.train_batches
-def train_batches(config, *, batch_size, start_step):
-    for step, batch in enumerate(original(config, batch_size=batch_size, start_step=start_step),
-                                 start_step + 1):
-        yield dict(batch, image=batch["image"] * np.nan) if step == 7 else batch
-input_pipeline.train_batches = train_batches
-runpy.run_path("main.py", run_name="__main__")
-"""
+    # main.py ends with one line naming the step and a non-zero exit code.
+    with pytest.raises(SystemExit) as stopped:
+        main.train_or_exit(config, str(tmp_path))
+    message = stopped.value.code
+    assert isinstance(message, str) and "\n" not in message  # printed to stderr, exit code 1
+    assert message.startswith("non-finite: the loss or gradients became NaN/Inf at step 13 ")
+    assert "the last good checkpoint, step 10" in message
+    assert _checkpoint_steps(tmp_path) == [10]

@@ -489,7 +489,7 @@ def run(
             raise NonFiniteError(
                 step,
                 f"the train state holds NaN/Inf at step {step}; not saving it (the last good "
-                f"checkpoint is step {checkpoints.latest_step()} in {workdir_path / 'checkpoints'})",
+                f"checkpoint: step {checkpoints.latest_step()} in {workdir_path / 'checkpoints'})",
             )
         writer.flush()  # what was logged up to this checkpoint is on disk before it exists
         checkpoints.save(step, args=ocp.args.StandardSave(saved))
