@@ -106,16 +106,16 @@ def compilation_cache_dir(flag: str | None) -> str:
 def enable_compilation_cache(path: str) -> None:
     """Turns on JAX's persistent compilation cache in ``path`` (nothing for ``''``).
 
-    Every program that takes at least 0.1 s to compile is written there, keyed by the program,
-    the devices and the versions of jax and jaxlib; the next run of the same config loads it in
-    milliseconds instead of compiling it.
+    Every compiled program is written there, keyed by the program, the devices and the versions
+    of jax and jaxlib; the next run of the same config loads it in milliseconds instead of
+    compiling it (the many small programs of eager initialisation code included).
     """
     if not path:
         return
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 

@@ -21,6 +21,7 @@ pure step functions -- and :func:`run` drives it:
 
 import collections
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -59,8 +60,9 @@ TOP_LEVEL_KEYS = (
 )
 # Extra ``update`` arguments of some optimizers that the train steps can supply.
 SUPPORTED_UPDATE_ARGS = frozenset({"value", "grad", "obj_fn", "value_fn"})
-# XLA options of programs that run once (parameter initialisation): without backend
-# optimisations they compile several times faster, and their speed does not matter.
+# XLA options of programs that run once or rarely (parameter initialisation, the checkpoint
+# check): without backend optimisations they compile several times faster (seconds on a CPU),
+# and their own speed does not matter.
 RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -341,7 +343,7 @@ def _scalars(collection: Any) -> dict[str, float]:
     return {name: float(value) for name, value in collection.compute().items()}
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=RUN_ONCE_OPTIONS)
 def _all_finite(tree: Any) -> jax.Array:
     """Whether every float in ``tree`` is finite (checked before each checkpoint is saved)."""
     leaves = jax.tree.leaves(tree)

@@ -1,0 +1,295 @@
+"""Runs inside a generated project (its folder is the working directory): measures one variant.
+
+    python _driver.py overhead PACKAGE BLOCKS STEPS_PER_BLOCK
+    python _driver.py throughput PACKAGE STEPS
+    python _driver.py tta PACKAGE PARENT_START_TIME WORKDIR CACHE_DIR
+
+Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
+
+- ``overhead``: the variant's own train step, built by its ``trainer.run`` (``build_task`` and
+  ``DataParallel.compile_train_step``) and fed by its own input path, against a hand-written
+  ``jax.jit`` loop over the same network (pure ``jax.lax``, the variant's initial parameters,
+  the same loss and AdamW recipe, donated buffers). Blocks of steps alternate between the two
+  (A B, B A, ...); each block ends with the host read the trainer does at a log step.
+- ``throughput``: the variant's train step alone, steps/s and the compile time of its first call.
+- ``tta``: ``main.py --config=configs/default.py`` in this process, timing the imports, the
+  compilation (JAX's own compile events) and the first evaluation at >= 97% accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import runpy
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.getcwd())
+
+
+class _Stop(Exception):
+    pass
+
+
+def _compile_listener() -> dict:
+    """Sums JAX's compile events (backend compile, including persistent-cache loads)."""
+    import jax
+
+    totals = {"compile_s": 0.0, "trace_lower_s": 0.0, "compiles": 0, "cache_hits": 0}
+
+    def on_duration(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            totals["compile_s"] += duration
+            totals["compiles"] += 1
+        elif event in (
+            "/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        ):
+            totals["trace_lower_s"] += duration
+
+    def on_event(event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            totals["cache_hits"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    return totals
+
+
+def build(package: str, config):
+    """The variant's setup and task exactly as its ``trainer.run`` builds them."""
+    train = importlib.import_module(f"{package}.train")
+    trainer = importlib.import_module(f"{package}.trainer")
+    models = importlib.import_module(f"{package}.models")
+    got = {}
+
+    def grab(config, setup):
+        got.update(setup=setup, task=train.build_task(config, setup))
+        raise _Stop
+
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            trainer.run(config, workdir, build_task=grab, model_check=models.check_model_config)
+        except _Stop:
+            pass
+    return trainer, train, got["setup"], got["task"]
+
+
+def hand_written(config, init_params: dict):
+    """The same CNN, loss and AdamW recipe as a plain jitted function of arrays."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    opt = config.optimizer
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        opt.learning_rate,
+        opt.schedule.warmup_steps,
+        config.num_train_steps,
+        opt.schedule.end_value,
+    )
+    tx = optax.adamw(
+        schedule,
+        weight_decay=opt.weight_decay,
+        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+    )
+    convs = sorted(k for k in init_params if k.startswith("conv_"))
+
+    def apply(p, x):
+        for name in convs:
+            x = jax.lax.conv_general_dilated(
+                x, p[name]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            x = jax.nn.relu(x + p[name]["bias"])
+            x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+            x = x * 0.25
+        x = x.reshape(x.shape[0], -1)
+        x = jax.nn.relu(x @ p["dense"]["kernel"] + p["dense"]["bias"])
+        return x @ p["head"]["kernel"] + p["head"]["bias"]
+
+    def loss_fn(p, image, label):
+        logits = apply(p, image)
+        targets = optax.smooth_labels(jax.nn.one_hot(label, logits.shape[-1]), 0.1)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+    def step(params, opt_state, image, label):
+        loss, grads = jax.value_and_grad(loss_fn)(params, image, label)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = jax.tree.map(jnp.asarray, init_params)
+    return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params)
+
+
+def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
+    blocks, n = int(blocks), int(steps_per_block)
+    from configs import default
+    from plugins import data
+
+    import jax
+
+    config = default.get_config()
+    trainer, train, setup, task = build(package, config)
+    input_pipeline = importlib.import_module(f"{package}.input_pipeline")
+    dp = setup.dp
+
+    # The variant, as its trainer runs it.
+    state = dp.put_state(task.state)
+    empty = dp.put_state(trainer.TrainMetrics.empty())
+    step = dp.compile_train_step(task.train_step)
+    host = input_pipeline.train_batches(
+        config, batch_size=dp.local_batch_size(config.batch_size), start_step=0
+    )
+    batches = dp.train_batches(host)
+    variant = {"state": state, "acc": empty, "wait": 0.0}
+
+    def variant_block(steps: int) -> None:
+        state, acc, wait = variant["state"], variant["acc"], 0.0
+        for _ in range(steps):
+            t = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t
+            state, acc = step(state, acc, batch)
+        variant["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
+        variant.update(state=state, acc=empty, wait=variant["wait"] + wait)
+
+    # The hand-written loop over the same network and initial parameters.
+    hstep, params, opt_state = hand_written(config, train.init_params(config))
+    hdata = data.train_iterator(
+        config.dataset, batch_size=config.batch_size, seed=config.seed, data_dir=config.data_dir
+    )
+    hand = {"params": params, "opt_state": opt_state}
+
+    def hand_block(steps: int) -> None:
+        params, opt_state = hand["params"], hand["opt_state"]
+        for _ in range(steps):
+            batch = next(hdata)
+            params, opt_state, loss = hstep(params, opt_state, batch["image"], batch["label"])
+        hand.update(params=params, opt_state=opt_state, loss=float(loss))
+
+    # Same network: the first step's loss of both (same parameters, same first batch).
+    variant_block(1)
+    hand_block(1)
+    first_loss_diff = abs(variant["loss"] - hand["loss"])
+    for _ in range(2):  # warm up
+        variant_block(n)
+        hand_block(n)
+    variant["wait"] = 0.0
+    times = {"variant": [], "hand": []}
+    order = [("variant", variant_block), ("hand", hand_block)]
+    for i in range(blocks):
+        for key, block in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            block(n)
+            times[key].append(time.perf_counter() - start)
+    host.close() if hasattr(host, "close") else None
+    hdata.close()
+    return dict(
+        devices=jax.device_count(),
+        variant_steps_per_s=n / statistics.median(times["variant"]),
+        hand_steps_per_s=n / statistics.median(times["hand"]),
+        data_wait_share=variant["wait"] / sum(times["variant"]),
+        first_loss_diff=first_loss_diff,
+        steps=blocks * n,
+    )
+
+
+def throughput(package: str, steps: str) -> dict:
+    """Steady-state steps/s of the variant's train step on a fixed batch; its compile time."""
+    steps = int(steps)
+    from configs import default
+
+    import jax
+
+    config = default.get_config()
+    trainer, _, setup, task = build(package, config)
+    input_pipeline = importlib.import_module(f"{package}.input_pipeline")
+    dp = setup.dp
+    state = dp.put_state(task.state)
+    empty = dp.put_state(trainer.TrainMetrics.empty())
+    step = dp.compile_train_step(task.train_step)
+    host = input_pipeline.train_batches(
+        config, batch_size=dp.local_batch_size(config.batch_size), start_step=0
+    )
+    batches = dp.train_batches(host)
+    batch_list = [next(batches) for _ in range(8)]
+    totals = _compile_listener()
+    start = time.perf_counter()
+    state, acc = step(state, empty, batch_list[0])
+    jax.block_until_ready(acc)
+    first_call_s = time.perf_counter() - start
+    compile_s = totals["compile_s"]
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for i in range(steps):
+            state, acc = step(state, acc, batch_list[i % len(batch_list)])
+        jax.block_until_ready(acc)
+        rates.append(steps / (time.perf_counter() - start))
+    host.close() if hasattr(host, "close") else None
+    return dict(
+        devices=jax.device_count(),
+        steps_per_s=statistics.median(rates),
+        compile_s=compile_s,
+        first_call_s=first_call_s,
+    )
+
+
+def tta(package: str, parent_start: str, workdir: str, cache_dir: str) -> dict:
+    """``main.py`` on the default config, timed from the parent's ``Popen``."""
+    parent_start = float(parent_start)
+    # The imports main.py and the trainer need, timed on their own.
+    import jax
+
+    import clu.metric_writers  # noqa: F401  (imports tensorflow)
+    import orbax.checkpoint  # noqa: F401
+
+    importlib.import_module(f"{package}.train")
+    imports_done = time.time()
+    totals = _compile_listener()
+    marks: list[tuple[float, float, float]] = []  # (time, accuracy, compile_s so far)
+
+    class EvalWatcher(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if "eval_accuracy=" in text:
+                value = float(text.split("eval_accuracy=")[1].split(",")[0])
+                marks.append((time.time(), value, totals["compile_s"]))
+
+    logging.getLogger().addHandler(EvalWatcher())
+    sys.argv = [
+        "main.py",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        f"--compilation_cache_dir={cache_dir}",
+    ]
+    try:
+        runpy.run_path("main.py", run_name="__main__")
+    except SystemExit as exit:
+        if exit.code:
+            raise
+    end = time.time()
+    reached = [m for m in marks if m[1] >= 0.97]
+    at, accuracy, compile_s = reached[0] if reached else (end, marks[-1][1], totals["compile_s"])
+    return dict(
+        imports_s=imports_done - parent_start,
+        compile_s=compile_s,
+        time_to_97_s=at - parent_start if reached else None,
+        total_s=end - parent_start,
+        accuracy=accuracy,
+        final_accuracy=marks[-1][1],
+        compiles=totals["compiles"],
+        cache_hits=totals["cache_hits"],
+        jax=jax.__version__,
+    )
+
+
+if __name__ == "__main__":
+    mode, package, *args = sys.argv[1:]
+    result = {"overhead": overhead, "throughput": throughput, "tta": tta}[mode](package, *args)
+    print(json.dumps(result), flush=True)
