@@ -75,7 +75,7 @@ def _config():
     interruption leaves metrics accumulated between two log steps in the checkpoint."""
     config = quick.get_config()
     config.num_train_steps = 24
-    config.log_every_steps = 3
+    config.log_every_steps = 4
     config.eval_every_steps = 8
     config.checkpoint_every_steps = 5
     return config
@@ -139,32 +139,41 @@ def _assert_same_run(workdir: Path, reference: Path, context: str) -> None:
 
 @pytest.fixture
 def sigterm_to_self(monkeypatch):
-    """``arm(at, in_save)``: SIGTERM to this process at the ``at``-th batch of the next run, or
-    in the next checkpoint commit after it. A SIGTERM outside the trainer's loop is recorded
-    instead of ending pytest."""
+    """``arm(where, at)``: SIGTERM to this process in the next run when it asks for its
+    ``at``-th batch (``where='batch'``), or after that in the next checkpoint commit (``'save'``)
+    or evaluation (``'eval'``). A SIGTERM outside the trainer's loop is recorded instead of
+    ending pytest."""
     stray = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stray.append(1))
     original_batches = input_pipeline.train_batches
+    original_eval_batches = input_pipeline.eval_batches
     original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
-    def arm(at: int, in_save: bool = False) -> None:
+    def arm(where: str, at: int = 1) -> None:
         armed = []
+
+        def fire(here: str) -> None:
+            if armed and where == here:
+                armed.clear()
+                signal.raise_signal(signal.SIGTERM)
 
         def train_batches(*args, **kwargs):
             for index, batch in enumerate(original_batches(*args, **kwargs), 1):
                 if index == at:
                     armed.append(1)
-                    if not in_save:
-                        signal.raise_signal(signal.SIGTERM)
+                    fire("batch")
                 yield batch
 
+        def eval_batches(*args, **kwargs):
+            fire("eval")
+            return original_eval_batches(*args, **kwargs)
+
         async def finalize(self):
-            if armed and in_save:
-                armed.clear()
-                signal.raise_signal(signal.SIGTERM)
+            fire("save")
             return await original_finalize(self)
 
         monkeypatch.setattr(input_pipeline, "train_batches", train_batches)
+        monkeypatch.setattr(input_pipeline, "eval_batches", eval_batches)
         monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
 
     yield arm
@@ -195,7 +204,7 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
     before = _checkpoint_steps(workdir) if (workdir / "checkpoints").exists() else []
 
     # SIGTERM at a random step: the step finishes, a checkpoint of it is saved, exit code 143.
-    sigterm_to_self(rng.randint(2, 6))
+    sigterm_to_self("batch", rng.randint(2, 6))
     with pytest.raises(SystemExit) as stopped:
         main.train_or_exit(_config(), str(workdir))
     assert stopped.value.code == trainer.Preempted.EXIT_CODE == 143
@@ -214,13 +223,23 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
     for step in _checkpoint_steps(workdir):  # every complete checkpoint restores
         assert jax.tree.leaves(_restore(workdir, step))
 
-    # SIGTERM while a checkpoint is being written: that save completes, the run stops soon after.
-    sigterm_to_self(1, in_save=True)
+    # SIGTERM during an evaluation: the next step is the last, and it lies between two log
+    # steps, so the resumed run must pick up the metrics accumulated since the last log step.
+    sigterm_to_self("eval")
     with pytest.raises(trainer.Preempted) as preempted:
         train.train_and_evaluate(_config(), str(workdir))
-    assert _checkpoint_steps(workdir)[-1] == preempted.value.step < _config().num_train_steps
+    step = preempted.value.step
+    config = _config()
+    assert step % config.eval_every_steps == 1 and step % config.log_every_steps, context
+    assert _checkpoint_steps(workdir)[-1] == step
 
-    sigterm_to_self(0)  # disarmed
+    # SIGTERM while a checkpoint is being written: that save completes, the run stops soon after.
+    sigterm_to_self("save")
+    with pytest.raises(trainer.Preempted) as preempted:
+        train.train_and_evaluate(_config(), str(workdir))
+    assert _checkpoint_steps(workdir)[-1] == preempted.value.step < config.num_train_steps
+
+    sigterm_to_self("none")
     train.train_and_evaluate(_config(), str(workdir))
     assert not list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
     _assert_same_run(workdir, reference, context)
