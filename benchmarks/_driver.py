@@ -128,10 +128,10 @@ def hand_written(config, init_params: dict):
 
 def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     blocks, n = int(blocks), int(steps_per_block)
-    from configs import default
-    from plugins import data
-
     import jax
+    from configs import default
+
+    from plugins import data
 
     config = default.get_config()
     trainer, train, setup, task = build(package, config)
@@ -202,9 +202,8 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
 def throughput(package: str, steps: str) -> dict:
     """Steady-state steps/s of the variant's train step on a fixed batch; its compile time."""
     steps = int(steps)
-    from configs import default
-
     import jax
+    from configs import default
 
     config = default.get_config()
     trainer, _, setup, task = build(package, config)
@@ -229,6 +228,8 @@ def throughput(package: str, steps: str) -> dict:
         start = time.perf_counter()
         for i in range(steps):
             state, acc = step(state, acc, batch_list[i % len(batch_list)])
+            if i % 10 == 9:  # bounded work in flight, like the trainer's log steps
+                jax.block_until_ready(acc)
         jax.block_until_ready(acc)
         rates.append(steps / (time.perf_counter() - start))
     host.close() if hasattr(host, "close") else None
@@ -244,9 +245,8 @@ def tta(package: str, parent_start: str, workdir: str, cache_dir: str) -> dict:
     """``main.py`` on the default config, timed from the parent's ``Popen``."""
     parent_start = float(parent_start)
     # The imports main.py and the trainer need, timed on their own.
-    import jax
-
     import clu.metric_writers  # noqa: F401  (imports tensorflow)
+    import jax
     import orbax.checkpoint  # noqa: F401
 
     importlib.import_module(f"{package}.train")

@@ -13,11 +13,16 @@ import importlib
 import os
 import platform
 import sys
+import time
 from importlib import metadata
 
 BENCHMARKS = {
-    "optim": "benchmarks.bench_optim",
+    "overhead": "benchmarks.bench_overhead",
     "input_pipeline": "benchmarks.bench_input_pipeline",
+    "time_to_accuracy": "benchmarks.bench_time_to_accuracy",
+    "scaling": "benchmarks.bench_scaling",
+    "optim": "benchmarks.bench_optim",
+    "accumulation": "benchmarks.bench_accumulation",
 }
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "tensorflow-datasets", "orbax-checkpoint", "clu")
 
@@ -54,20 +59,27 @@ def main(argv: list[str]) -> None:
     unknown = [n for n in chosen if n not in BENCHMARKS]
     if unknown:
         sys.exit(f"unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}")
+    settings = [f"{k}={os.environ[k]} " for k in ("BENCH_TTA_RUNS",) if k in os.environ]
+    command = "".join(settings) + " ".join(["python -m benchmarks.run", *argv])
     sections = [
         "# Benchmarks",
         "",
         f"Measured {datetime.date.today()} on {machine()}.",
         "",
         "Regenerate with `make bench` (`nox -s bench`, i.e. `python -m benchmarks.run`).",
+        f"This file: `{command}`.",
     ]
+    begin = time.perf_counter()
     for name in chosen:
+        start = time.perf_counter()
         module = importlib.import_module(BENCHMARKS[name])
         rows = module.run()
         table = markdown_table(rows)
-        print(f"\n## {name}\n{table}", flush=True)
+        took = f"({time.perf_counter() - start:.0f} s)"
+        print(f"\n## {name} {took}\n{table}", flush=True)
         doc = (module.__doc__ or "").strip()
-        sections += ["", f"## {name}", "", doc, "", table]
+        sections += ["", f"## {name}", "", doc, "", table, "", f"Took {took[1:-1]}."]
+    sections += ["", f"All together: {time.perf_counter() - begin:.0f} s."]
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
     with open(path, "w") as f:
         f.write("\n".join(sections) + "\n")

@@ -1,0 +1,56 @@
+"""Scaling on 8 simulated CPU devices: the jit variant against the pmap variant.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``: 8 XLA CPU devices sharing this machine's
+cores, so this measures what data parallelism costs (the per-step collectives, the per-device
+dispatch), not a speed-up. Each generated variant's own train step (built by its trainer, default
+CNN, the same global batch of 128 = 16 per device, digits batches already prepared) runs in a
+fresh process: ``compile_s`` is JAX's backend-compile time of the first call, ``steps_per_s`` the
+median over 5 rounds of steps. The jit and pmap processes alternate; medians over ``rounds``.
+``pmap_vs_jit`` = pmap steps/s / jit steps/s (target within 5%: 0.95 - 1.05).
+
+    python -m benchmarks.run scaling
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from benchmarks import _template
+
+STEPS = 100
+ROUNDS = 2
+
+
+def run(rounds: int = ROUNDS, steps: int = STEPS) -> list[dict]:
+    """One row per variant on 8 devices: steps/s, compile time, pmap relative to jit."""
+    projects = _template.generate()
+    results: dict[str, list[dict]] = {v: [] for v in projects}
+    for _ in range(rounds):
+        for variant, project in projects.items():
+            r = _template.run_driver(project, "throughput", str(steps), devices=8)
+            assert r["devices"] == 8, r
+            results[variant].append(r)
+    rows = []
+    for variant, rs in results.items():
+        rows.append(
+            dict(
+                variant=variant,
+                devices=8,
+                global_batch=128,
+                steps_per_s=round(statistics.median(r["steps_per_s"] for r in rs), 1),
+                compile_s=round(statistics.median(r["compile_s"] for r in rs), 2),
+                runs=len(rs),
+            )
+        )
+    by = {r["variant"]: r for r in rows}
+    for api in ("nnx", "linen"):
+        by[f"{api}-pmap"]["pmap_vs_jit"] = round(
+            by[f"{api}-pmap"]["steps_per_s"] / by[f"{api}-jit"]["steps_per_s"], 3
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    from benchmarks.run import markdown_table
+
+    print(markdown_table(run()))
