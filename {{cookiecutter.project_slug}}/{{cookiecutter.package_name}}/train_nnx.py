@@ -1,10 +1,10 @@
 """Training with Flax NNX: ``train_and_evaluate(config, workdir)``.
 
 The model and its ``nnx.Optimizer`` are split once into a graph definition and a state (a plain
-nested dict of arrays, ``nnx.to_pure_dict``). The compiled steps take and return that state and rebuild the objects with
-``nnx.merge`` inside the trace, so the hot loop is a plain jitted (or pmapped) function of arrays
-with donated buffers: NNX's object bookkeeping costs nothing per step. The model code itself
-(``models.py``) stays ordinary NNX.
+nested dict of arrays, ``nnx.to_pure_dict``). The compiled steps take and return that state and
+rebuild the objects with ``nnx.merge`` inside the trace, so the hot loop is a plain jitted (or
+pmapped) function of arrays with donated buffers: NNX's object bookkeeping costs nothing per step.
+The model code itself (``models.py``) stays ordinary NNX.
 """
 
 from __future__ import annotations
