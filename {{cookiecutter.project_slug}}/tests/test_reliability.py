@@ -22,7 +22,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
-from orbax.checkpoint._src.path import atomicity
 
 import main
 from configs import quick
@@ -140,14 +139,14 @@ def _assert_same_run(workdir: Path, reference: Path, context: str) -> None:
 @pytest.fixture
 def sigterm_to_self(monkeypatch):
     """``arm(where, at)``: SIGTERM to this process in the next run when it asks for its
-    ``at``-th batch (``where='batch'``), or after that in the next checkpoint commit (``'save'``)
-    or evaluation (``'eval'``). A SIGTERM outside the trainer's loop is recorded instead of
-    ending pytest."""
+    ``at``-th batch (``where='batch'``), or after that in the next evaluation (``'eval'``) or
+    right after the next checkpoint save started writing in the background (``'save'``).
+    A SIGTERM outside the trainer's loop is recorded instead of ending pytest."""
     stray = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stray.append(1))
     original_batches = input_pipeline.train_batches
     original_eval_batches = input_pipeline.eval_batches
-    original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    original_save = ocp.CheckpointManager.save
 
     def arm(where: str, at: int = 1) -> None:
         armed = []
@@ -168,13 +167,14 @@ def sigterm_to_self(monkeypatch):
             fire("eval")
             return original_eval_batches(*args, **kwargs)
 
-        async def finalize(self):
-            fire("save")
-            return await original_finalize(self)
+        def save(self, *args, **kwargs):
+            started = original_save(self, *args, **kwargs)
+            fire("save")  # while the checkpoint is being written
+            return started
 
         monkeypatch.setattr(input_pipeline, "train_batches", train_batches)
         monkeypatch.setattr(input_pipeline, "eval_batches", eval_batches)
-        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+        monkeypatch.setattr(ocp.CheckpointManager, "save", save)
 
     yield arm
     signal.signal(signal.SIGTERM, previous)
@@ -204,7 +204,7 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
     before = _checkpoint_steps(workdir) if (workdir / "checkpoints").exists() else []
 
     # SIGTERM at a random step: the step finishes, a checkpoint of it is saved, exit code 143.
-    sigterm_to_self("batch", rng.randint(2, 6))
+    sigterm_to_self("batch", rng.randint(2, 5))
     with pytest.raises(SystemExit) as stopped:
         main.train_or_exit(_config(), str(workdir))
     assert stopped.value.code == trainer.Preempted.EXIT_CODE == 143
@@ -233,11 +233,12 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
     assert step % config.eval_every_steps == 1 and step % config.log_every_steps, context
     assert _checkpoint_steps(workdir)[-1] == step
 
-    # SIGTERM while a checkpoint is being written: that save completes, the run stops soon after.
+    # SIGTERM while a checkpoint is being written: that one completes, and the next step's too.
     sigterm_to_self("save")
     with pytest.raises(trainer.Preempted) as preempted:
         train.train_and_evaluate(_config(), str(workdir))
-    assert _checkpoint_steps(workdir)[-1] == preempted.value.step < config.num_train_steps
+    step = preempted.value.step
+    assert _checkpoint_steps(workdir)[-2:] == [step - 1, step], context
 
     sigterm_to_self("none")
     train.train_and_evaluate(_config(), str(workdir))
