@@ -23,6 +23,7 @@ BENCHMARKS = {
     "scaling": "benchmarks.bench_scaling",
     "optim": "benchmarks.bench_optim",
     "accumulation": "benchmarks.bench_accumulation",
+    "pmap_floor": "benchmarks.bench_pmap_floor",
 }
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "tensorflow-datasets", "orbax-checkpoint", "clu")
 
@@ -53,37 +54,57 @@ def machine() -> str:
     )
 
 
+def _existing_sections(path: str) -> dict[str, str]:
+    """The ``## name`` sections of an earlier docs/benchmarks.md, by name."""
+    if not os.path.exists(path):
+        return {}
+    sections: dict[str, str] = {}
+    name = None
+    with open(path) as f:
+        for line in f:
+            if line.startswith("## "):
+                name = line[3:].split()[0]
+                sections[name] = ""
+            elif name is not None:
+                sections[name] += line
+    return sections
+
+
 def main(argv: list[str]) -> None:
-    """Runs the chosen benchmarks (all by default) and writes docs/benchmarks.md."""
+    """Runs the chosen benchmarks (all by default) and writes docs/benchmarks.md; a run of some
+    benchmarks replaces their sections and keeps the others' (each section says when and how it
+    was measured)."""
     chosen = argv or list(BENCHMARKS)
     unknown = [n for n in chosen if n not in BENCHMARKS]
     if unknown:
         sys.exit(f"unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}")
     settings = [f"{k}={os.environ[k]} " for k in ("BENCH_TTA_RUNS",) if k in os.environ]
     command = "".join(settings) + " ".join(["python -m benchmarks.run", *argv])
-    sections = [
+    path = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
+    body = _existing_sections(path)
+    header = [
         "# Benchmarks",
         "",
-        f"Measured {datetime.date.today()} on {machine()}.",
+        f"Machine: {machine()}.",
         "",
-        "Regenerate with `make bench` (`nox -s bench`, i.e. `python -m benchmarks.run`).",
-        f"This file: `{command}`.",
+        "Regenerate with `make bench` (`nox -s bench`, i.e. `python -m benchmarks.run`);",
+        "`python -m benchmarks.run NAME ...` reruns some and keeps the other sections.",
     ]
-    begin = time.perf_counter()
     for name in chosen:
         start = time.perf_counter()
         module = importlib.import_module(BENCHMARKS[name])
         rows = module.run()
         table = markdown_table(rows)
-        took = f"({time.perf_counter() - start:.0f} s)"
-        print(f"\n## {name} {took}\n{table}", flush=True)
+        took = time.perf_counter() - start
+        print(f"\n## {name} ({took:.0f} s)\n{table}", flush=True)
         doc = (module.__doc__ or "").strip()
-        sections += ["", f"## {name}", "", doc, "", table, "", f"Took {took[1:-1]}."]
-    sections += ["", f"All together: {time.perf_counter() - begin:.0f} s."]
-    path = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+        when = f"Measured {datetime.date.today()} with `{command}` ({took:.0f} s)."
+        body[name] = "\n".join(["", doc, "", table, "", when, "", ""])
+    order = [n for n in BENCHMARKS if n in body] + [n for n in body if n not in BENCHMARKS]
     with open(path, "w") as f:
-        f.write("\n".join(sections) + "\n")
-    print(f"\nwrote {os.path.normpath(path)}")
+        f.write("\n".join(header) + "\n\n")
+        f.write("".join(f"## {name}\n{body[name]}" for name in order).rstrip() + "\n")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
