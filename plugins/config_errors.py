@@ -66,3 +66,24 @@ def check_positive_ints(value: Any, key: str) -> None:
         raise ConfigError(
             f"{key} must be a non-empty tuple of ints >= 1, e.g. (32, 64); got {value!r}"
         )
+
+
+def check_named(
+    config: Any, choices: Mapping[str, Mapping[str, Any]], where: str, what: str
+) -> dict[str, Any]:
+    """Checks a ``dict(name=..., **options)`` config against its choices; returns the options.
+
+    ``choices`` maps each valid name to its options, each option to a check
+    ``(value, key) -> None`` (or ``None`` for no check). An unknown name, an unknown option or a
+    bad value raises ``ConfigError`` naming ``where.name`` / ``where.option``.
+    """
+    cfg = as_dict(config)
+    name = cfg.pop("name", None)
+    if name not in choices:
+        raise unknown(what, f"{where}.name", name, choices)
+    options = choices[name]
+    check_keys(cfg, options, where)
+    for key, value in cfg.items():
+        if options[key] is not None:
+            options[key](value, f"{where}.{key}")
+    return cfg

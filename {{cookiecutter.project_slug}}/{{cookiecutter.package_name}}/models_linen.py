@@ -5,7 +5,7 @@ Every layer is named like its twin in the NNX variant of this template (``conv_0
 between the two APIs and the same config trains the same network in both.
 
 Add a model: write the module, then register it in ``MODELS`` with the config keys it takes
-(and how each is checked in ``OPTION_CHECKS``).
+and how each is checked.
 """
 
 from __future__ import annotations
@@ -108,32 +108,27 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
-# name -> (class, the config keys it takes besides ``name``)
-MODELS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
-    "cnn": (CNN, ("features", "dense")),
-    "resnet": (ResNet, ("stage_sizes", "num_filters")),
-}
-
-
-# How each model option is checked (a wrong type or value fails before anything is built).
-OPTION_CHECKS = {
-    "features": config_errors.check_positive_ints,
-    "dense": config_errors.check_positive_int,
-    "stage_sizes": config_errors.check_positive_ints,
-    "num_filters": config_errors.check_positive_int,
+# name -> (class, its config keys besides ``name``, each with how its value is checked)
+MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "cnn": (
+        CNN,
+        {"features": config_errors.check_positive_ints, "dense": config_errors.check_positive_int},
+    ),
+    "resnet": (
+        ResNet,
+        {
+            "stage_sizes": config_errors.check_positive_ints,
+            "num_filters": config_errors.check_positive_int,
+        },
+    ),
 }
 
 
 def check_model_config(model_config: Any) -> dict[str, Any]:
-    """Returns the model's keyword arguments; raises ``ConfigError`` for an unknown model or key."""
-    cfg = config_errors.as_dict(model_config)
-    name = cfg.pop("name", None)
-    if name not in MODELS:
-        raise config_errors.unknown("model", "model.name", name, MODELS)
-    config_errors.check_keys(cfg, MODELS[name][1], "model")
-    for key, value in cfg.items():
-        OPTION_CHECKS.get(key, lambda *_: None)(value, f"model.{key}")
-    return cfg
+    """Returns the model's keyword arguments; raises ``ConfigError`` for an unknown model or key,
+    or a bad value."""
+    choices = {name: options for name, (_, options) in MODELS.items()}
+    return config_errors.check_named(model_config, choices, "model", "model")
 
 
 def create_model(
