@@ -209,11 +209,16 @@ def decay_mask(tree: PyTree, spec: str | Sequence[str] | Predicate = "matrices")
     ``spec`` is ``'all'``, ``'matrices'`` (rank >= 2: kernels and embeddings, not biases or
     norm scales), a list of path regexes, or a predicate ``(path, leaf) -> bool``.
     """
+    return match(tree, decay_predicate(spec))
+
+
+def decay_predicate(spec: str | Sequence[str] | Predicate = "matrices") -> Predicate:
+    """The predicate ``(path, leaf) -> bool`` of a weight-decay mask spec (see ``decay_mask``)."""
     if spec == "all":
-        return map_with_paths(lambda path, leaf: True, tree)
+        return lambda path, leaf: True
     if spec == "matrices":
-        return map_with_paths(is_matrix, tree)
-    return match(tree, spec)
+        return is_matrix
+    return as_predicate(spec, "weight_decay_mask")
 
 
 def decay_mask_fn(spec: str | Sequence[str] | Predicate = "matrices") -> Callable[[PyTree], PyTree]:

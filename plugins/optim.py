@@ -396,12 +396,6 @@ def _scaled(schedule: optax.Schedule, mult: float) -> optax.Schedule:
     return schedule if mult == 1.0 else (lambda step: mult * schedule(step))
 
 
-def _decay_predicate(spec: Any) -> masks.Predicate:
-    if spec == "all":
-        return lambda path, leaf: True
-    return masks.is_matrix if spec == "matrices" else masks.as_predicate(spec)
-
-
 def _mask_fn(spec: Any) -> Callable[[PyTree], PyTree] | None:
     return None if spec == "all" else masks.decay_mask_fn(spec)
 
@@ -684,7 +678,7 @@ def _describe(cfg: dict[str, Any], leaf_path: masks.Path, leaf: Any) -> tuple[st
     wd = cfg["weight_decay"]
     if wd is None:
         return name, "default"
-    decays = _decay_predicate(cfg["weight_decay_mask"])(leaf_path, leaf)
+    decays = masks.decay_predicate(cfg["weight_decay_mask"])(leaf_path, leaf)
     return name, f"{wd:g}" if decays else "0"
 
 
