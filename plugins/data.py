@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from plugins import config_errors
+from plugins import config_errors, tensorflow_setup
 from plugins.digits import Digits
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "train_iterator",
     "eval_iterator",
     "num_eval_batches",
+    "example_batch",
     "Prefetch",
     "clear_cache",
 ]
@@ -57,17 +58,6 @@ _cache_lock = threading.Lock()
 
 
 @functools.cache
-def _hide_accelerators_from_tf() -> None:
-    """Keeps TensorFlow (used only to read tfds files) off GPUs/TPUs, which belong to JAX."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):  # Devices already initialised, or no such device type.
-        pass
-
-
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     """Returns the tfds builder of ``name``; an unknown name raises ``ConfigError``."""
     try:
@@ -110,7 +100,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
             return _cache[key]
 
     builder = _builder(name, data_dir)
-    _hide_accelerators_from_tf()
+    tensorflow_setup.hide_accelerators()  # TensorFlow reads the files: keep it off the GPUs
     builder.download_and_prepare()
     splits = builder.info.splits
     expected = None
@@ -396,6 +386,19 @@ def eval_iterator(
     lo, hi = process_index * n // process_count, (process_index + 1) * n // process_count
     count = num_eval_batches(n, batch_size=batch_size, process_count=process_count)
     return _eval_batches(data, lo, hi, batch_size, count)
+
+
+def example_batch(image_shape: tuple[int, ...], batch_size: int, *, train: bool = True) -> Batch:
+    """A batch of zeros typed exactly like ``train_iterator``'s (``train``) or ``eval_iterator``'s
+    batches of ``(H, W, C)`` images: to compile steps before any data is read."""
+    _check_batch_size(batch_size)
+    batch = {
+        "image": np.zeros((batch_size, *image_shape), np.float32),
+        "label": np.zeros(batch_size, np.int32),
+    }
+    if not train:
+        batch["mask"] = np.ones(batch_size, bool)
+    return batch
 
 
 def _eval_batches(

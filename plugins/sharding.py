@@ -70,6 +70,10 @@ def _leading_dim(name: str, x: Any, what: str) -> int:
 
 def _batch_size(tree: PyTree, what: str) -> int:
     """The common leading dimension of every leaf, with one clear error when they disagree."""
+    # Per step on the hot path: the common case costs one flatten, no path names.
+    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
+    if shapes and all(shapes) and len({shape[0] for shape in shapes}) == 1:
+        return shapes[0][0]
     sizes = {}
     for name, x in _named_leaves(tree):
         sizes.setdefault(_leading_dim(name, x, what), name)
@@ -118,18 +122,38 @@ def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTr
     devices = _local_devices(devices)
     sharding = _pmap_sharding(devices)
 
-    def _replicate(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_data(0)
-        elif not isinstance(x, jax.Array):
-            x = np.asarray(x)
-        one = x[None]
-        copies = [jax.device_put(one, d) for d in devices]
-        return jax.make_array_from_single_device_arrays(
-            (len(devices), *one.shape[1:]), sharding, copies
-        )
+    def _local(x):
+        if isinstance(x, jax.Array):
+            return x.addressable_data(0) if not x.is_fully_addressable else x
+        return np.asarray(x)
 
-    return jax.tree.map(_replicate, tree)
+    leaves, treedef = jax.tree.flatten(jax.tree.map(_local, tree))
+    # Device arrays get their leading axis in one compiled program for the whole tree (one
+    # compile instead of one per leaf shape); host arrays get it for free in numpy.
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    expanded = _add_leading_axis([leaves[i] for i in on_device])
+    for i, x in zip(on_device, expanded, strict=True):
+        leaves[i] = x
+    out = []
+    for x in leaves:
+        one = x if isinstance(x, jax.Array) else x[None]
+        copies = [jax.device_put(one, d) for d in devices]
+        out.append(
+            jax.make_array_from_single_device_arrays(
+                (len(devices), *one.shape[1:]), sharding, copies
+            )
+        )
+    return jax.tree.unflatten(treedef, out)
+
+
+@jax.jit
+def _add_leading_axis(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [x[None] for x in leaves]
+
+
+@jax.jit
+def _drop_leading_axis(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [x[0] for x in leaves]
 
 
 def unreplicate(tree: PyTree) -> PyTree:
@@ -138,12 +162,13 @@ def unreplicate(tree: PyTree) -> PyTree:
     Works on pmap outputs in multi-process runs too (it reads only this process's first shard).
     """
 
-    def _first(x):
-        if isinstance(x, jax.Array):
-            return x.addressable_data(0)[0]
-        return x[0]
-
-    return jax.tree.map(_first, tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    # One compiled program for the whole tree, not one per leaf shape.
+    firsts = _drop_leading_axis([leaves[i].addressable_data(0) for i in on_device])
+    firsts_by_index = dict(zip(on_device, firsts, strict=True))
+    out = [firsts_by_index[i] if i in firsts_by_index else x[0] for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, out)
 
 
 def shard(batch: PyTree, num_devices: int | None = None) -> PyTree:

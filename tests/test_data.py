@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -113,6 +114,25 @@ def test_train_batches_shape_dtype_range(data_dir):
         assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
         assert batch["image"].max() == 1.0
         assert 0 <= batch["label"].min() and batch["label"].max() <= 9
+
+
+@pytest.mark.parametrize("mock", ["digits", "mnist", "cifar10"])
+def test_example_batch_is_typed_like_the_iterators(data_dir, mock, tmp_path):
+    def typed(batch):
+        return {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+    if mock == "digits":
+        name, where, shape = "digits", data_dir, (8, 8, 1)
+        context = contextlib.nullcontext()
+    else:
+        name, where = mock, str(tmp_path)
+        shape = tuple(tfds.builder(name, data_dir=where).info.features["image"].shape)
+        context = tfds.testing.mock_data(num_examples=64, data_dir=where)
+    with context:
+        first = take(data.train_iterator(name, batch_size=16, seed=0, data_dir=where), 1)[0]
+        last = list(data.eval_iterator(name, batch_size=48, split="test", data_dir=where))[-1]
+    assert typed(data.example_batch(shape, 16)) == typed(first)
+    assert typed(data.example_batch(shape, 48, train=False)) == typed(last)
 
 
 def test_default_processes_come_from_jax(data_dir):

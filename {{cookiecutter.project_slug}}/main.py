@@ -120,7 +120,7 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Sets up JAX and TensorFlow, then runs ``train.train_and_evaluate``."""
+    """Sets up JAX, then runs ``train.train_and_evaluate``."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -132,14 +132,8 @@ def main(argv: list[str]) -> None:
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
 
-    import tensorflow as tf
-
-    # TensorFlow only reads data here: keep it off the GPUs/TPUs, which belong to JAX.
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow already initialised its devices
-        pass
-
+    # TensorFlow (it only reads data and writes TensorBoard events here) is imported by the
+    # trainer, in the background and hidden from the GPUs/TPUs: see plugins.tensorflow_setup.
     import jax
 
     enable_compilation_cache(compilation_cache_dir(FLAGS.compilation_cache_dir))

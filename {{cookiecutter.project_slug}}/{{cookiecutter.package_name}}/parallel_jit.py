@@ -82,6 +82,10 @@ class DataParallel:
 
     eval_batches = train_batches
 
+    def example_batch(self, batch: dict) -> dict:
+        """One host batch in the form the compiled steps take it (to compile them ahead)."""
+        return next(self.train_batches([batch]))
+
     def compile_train_step(self, fn: Callable) -> Callable:
         """``fn(state, metrics, batch) -> (state, metrics)`` jitted; the state is donated."""
         return jax.jit(

@@ -50,6 +50,19 @@ def _init_variables(model: nn.Module, config: ml_collections.ConfigDict, input_s
     return init(jax.random.key(config.seed))
 
 
+def _create_state(model: nn.Module, tx: Any, params: Any, batch_stats: Any) -> TrainState:
+    """The initial ``TrainState``, its optimizer state initialised in one compiled program
+    (eagerly, each initial value and schedule value compiles on its own)."""
+
+    def create(params: Any, batch_stats: Any) -> TrainState:
+        state = TrainState.create(
+            apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats
+        )
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    return jax.jit(create, compiler_options=trainer.RUN_ONCE_OPTIONS)(params, batch_stats)
+
+
 def build_task(
     config: ml_collections.ConfigDict, setup: trainer.Setup, init_params: Any = None
 ) -> trainer.Task:
@@ -66,10 +79,7 @@ def build_task(
     params = variables["params"]
     if init_params is not None:
         params = jax.tree.map(lambda p, q: jnp.asarray(q, p.dtype), params, dict(init_params))
-    state = TrainState.create(
-        apply_fn=model.apply, params=params, tx=setup.tx, batch_stats=variables.get("batch_stats")
-    )
-    state = state.replace(step=jnp.zeros((), jnp.int32))
+    state = _create_state(model, setup.tx, params, variables.get("batch_stats"))
     dp, loss_fn = setup.dp, setup.loss_fn
 
     def apply(state: TrainState, params: Any, images: jax.Array, train: bool):

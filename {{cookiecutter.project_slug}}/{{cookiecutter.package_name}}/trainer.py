@@ -37,8 +37,8 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, metrics, periodic_actions
-from plugins import config_errors, losses, masks, optim, schedules
+from clu import metrics
+from plugins import config_errors, losses, masks, optim, schedules, tensorflow_setup
 
 from . import input_pipeline, parallel
 
@@ -64,6 +64,8 @@ SUPPORTED_UPDATE_ARGS = frozenset({"value", "grad", "obj_fn", "value_fn"})
 # check): without backend optimisations they compile several times faster (seconds on a CPU),
 # and their own speed does not matter.
 RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
+# Imported with TensorFlow in a background thread while the steps compile (see ``run``).
+WRITER_MODULES = ("clu.metric_writers", "clu.periodic_actions")
 
 
 def _finite_average(name: str) -> type[metrics.Average]:
@@ -375,6 +377,10 @@ def run(
       model_check: the variant's ``models.check_model_config``.
     """
     validate_config(config, model_check)
+    # TensorFlow (for tfds reading and TensorBoard events) and clu's writers take seconds to
+    # import and are first needed after the model is built and its steps are compiled: import
+    # them meanwhile.
+    tensorflow_setup.start_import(WRITER_MODULES)
     dp = parallel.DataParallel()
     dp.check_batch_size(config.batch_size, "batch_size")
     dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
@@ -425,6 +431,23 @@ def run(
         logging.info("Resumed from the checkpoint of step %d in %s", latest, workdir_path)
     initial_step = task.step_of(dp.host_state(state))
 
+    empty_eval = dp.put_state(EvalMetrics.empty())
+    train_step = dp.compile_train_step(task.train_step)
+    eval_step = dp.compile_eval_step(task.eval_step)
+    local_batch = dp.local_batch_size(config.batch_size)
+    local_eval_batch = dp.local_batch_size(config.eval_batch_size)
+    # Compiled now, while TensorFlow imports; the loop's calls find them in jit's cache.
+    train_step.lower(
+        state, accumulated, dp.example_batch(input_pipeline.example_batch(config, local_batch))
+    ).compile()
+    eval_step.lower(
+        state,
+        empty_eval,
+        dp.example_batch(input_pipeline.example_batch(config, local_eval_batch, train=False)),
+    ).compile()
+    tensorflow_setup.wait(WRITER_MODULES)
+    from clu import metric_writers, periodic_actions
+
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_chief)
     plot_thread = None
     if is_chief:
@@ -443,11 +466,6 @@ def run(
                 daemon=True,
             )
             plot_thread.start()
-
-    empty_eval = dp.put_state(EvalMetrics.empty())
-    train_step = dp.compile_train_step(task.train_step)
-    eval_step = dp.compile_eval_step(task.eval_step)
-    local_eval_batch = dp.local_batch_size(config.eval_batch_size)
 
     history: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
 
@@ -500,7 +518,7 @@ def run(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
     )
     host_batches = input_pipeline.train_batches(
-        config, batch_size=dp.local_batch_size(config.batch_size), start_step=initial_step
+        config, batch_size=local_batch, start_step=initial_step
     )
     train_batches = dp.train_batches(host_batches)
     logging.info("Training steps %d to %d on %d device(s).", initial_step + 1, total_steps,
