@@ -6,11 +6,14 @@
 
 Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
 
-- ``overhead``: the variant's own train step, built by its ``trainer.run`` (``build_task`` and
-  ``DataParallel.compile_train_step``) and fed by its own input path, against a hand-written
+- ``overhead``: three loops in one process. The variant's own train step, built by its
+  ``trainer.run`` (``build_task`` and ``DataParallel.compile_train_step``), (1) fed by its own
+  input path and (2) fed one fixed batch -- the first item of its ``dp.train_batches`` iterator,
+  reused every step, from a second copy of the initial state -- and (3) a hand-written
   ``jax.jit`` loop over the same network (pure ``jax.lax``, the variant's initial parameters,
-  the same loss and AdamW recipe, donated buffers). Blocks of steps alternate between the two
-  (A B, B A, ...); each block ends with the host read the trainer does at a log step.
+  the same loss and AdamW recipe, donated buffers). Blocks of steps rotate over the three
+  (1 2 3, 2 3 1, 3 1 2, ...; BLOCKS must be a multiple of 3); each block ends with the host
+  read the trainer does at a log step. The input path costs ``1 - (1) / (2)`` of the wall time.
 - ``throughput``: the variant's train step alone, steps/s and the compile time of its first call.
 - ``tta``: ``main.py --config=configs/default.py`` in this process, timing the imports, the
   compilation (JAX's own compile events) and the first evaluation at >= 97% accuracy.
@@ -128,6 +131,8 @@ def hand_written(config, init_params: dict):
 
 def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     blocks, n = int(blocks), int(steps_per_block)
+    if blocks % 3:
+        raise ValueError(f"blocks={blocks}: use a multiple of 3 (each loop goes first as often)")
     import jax
     from configs import default
 
@@ -138,25 +143,43 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     input_pipeline = importlib.import_module(f"{package}.input_pipeline")
     dp = setup.dp
 
-    # The variant, as its trainer runs it.
-    state = dp.put_state(task.state)
+    def input_path():
+        host = input_pipeline.train_batches(
+            config, batch_size=dp.local_batch_size(config.batch_size), start_step=0
+        )
+        return host, dp.train_batches(host)
+
+    # The variant, as its trainer runs it. Both of its loops start from their own copy of the
+    # initial state (the step donates its state argument) and share the (never donated) empty
+    # metrics.
     empty = dp.put_state(trainer.TrainMetrics.empty())
     step = dp.compile_train_step(task.train_step)
-    host = input_pipeline.train_batches(
-        config, batch_size=dp.local_batch_size(config.batch_size), start_step=0
-    )
-    batches = dp.train_batches(host)
-    variant = {"state": state, "acc": empty, "wait": 0.0}
+    host, batches = input_path()
+    variant = {"state": dp.put_state(task.state), "wait": 0.0}
 
     def variant_block(steps: int) -> None:
-        state, acc, wait = variant["state"], variant["acc"], 0.0
+        state, acc, wait = variant["state"], empty, 0.0
         for _ in range(steps):
             t = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t
             state, acc = step(state, acc, batch)
         variant["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
-        variant.update(state=state, acc=empty, wait=variant["wait"] + wait)
+        variant.update(state=state, wait=variant["wait"] + wait)
+
+    # The same step with no input path: the first batch of a second, identical iterator (so the
+    # variant's own iterator still starts at batch 0), in the form the step takes, every step.
+    fixed_host, fixed_batches = input_path()
+    fixed_batch = next(fixed_batches)
+    fixed_host.close() if hasattr(fixed_host, "close") else None
+    fixed = {"state": dp.put_state(task.state)}
+
+    def fixed_block(steps: int) -> None:
+        state, acc = fixed["state"], empty
+        for _ in range(steps):
+            state, acc = step(state, acc, fixed_batch)
+        fixed["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
+        fixed.update(state=state)
 
     # The hand-written loop over the same network and initial parameters.
     hstep, params, opt_state = hand_written(config, train.init_params(config))
@@ -172,18 +195,21 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
             params, opt_state, loss = hstep(params, opt_state, batch["image"], batch["label"])
         hand.update(params=params, opt_state=opt_state, loss=float(loss))
 
-    # Same network: the first step's loss of both (same parameters, same first batch).
+    # Same network: the first step's loss of all three (same parameters, same first batch).
     variant_block(1)
+    fixed_block(1)
     hand_block(1)
     first_loss_diff = abs(variant["loss"] - hand["loss"])
+    if variant["loss"] != fixed["loss"]:
+        raise RuntimeError(f"fixed-batch loop: first loss {fixed['loss']} != {variant['loss']}")
+    loops = [("variant", variant_block), ("fixed", fixed_block), ("hand", hand_block)]
     for _ in range(2):  # warm up
-        variant_block(n)
-        hand_block(n)
+        for _, block in loops:
+            block(n)
     variant["wait"] = 0.0
-    times = {"variant": [], "hand": []}
-    order = [("variant", variant_block), ("hand", hand_block)]
+    times: dict[str, list[float]] = {key: [] for key, _ in loops}
     for i in range(blocks):
-        for key, block in order if i % 2 == 0 else order[::-1]:
+        for key, block in loops[i % 3 :] + loops[: i % 3]:  # each loop first in 1/3 of blocks
             start = time.perf_counter()
             block(n)
             times[key].append(time.perf_counter() - start)
@@ -192,8 +218,9 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     return dict(
         devices=jax.device_count(),
         variant_steps_per_s=n / statistics.median(times["variant"]),
+        fixed_batch_steps_per_s=n / statistics.median(times["fixed"]),
         hand_steps_per_s=n / statistics.median(times["hand"]),
-        data_wait_share=variant["wait"] / sum(times["variant"]),
+        next_share=variant["wait"] / sum(times["variant"]),
         first_loss_diff=first_loss_diff,
         steps=blocks * n,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import bench_accumulation, run
+from benchmarks import _template, bench_accumulation, bench_overhead, run
 
 
 def test_accumulation_is_the_same_update_and_reports_memory():
@@ -12,6 +12,28 @@ def test_accumulation_is_the_same_update_and_reports_memory():
         assert {"batch", "setup", "temp_kib", "argument_kib", "max_param_change"} <= set(row)
         assert row["temp_kib"] > 0 and row["argument_kib"] > 0
     assert float(rows[1]["max_param_diff"]) < 1e-5 < float(rows[1]["max_param_change"])
+
+
+def test_overhead_rows(monkeypatch):
+    """One variant, tiny blocks: the three loops run (the driver checks that the fixed-batch
+    loop's first loss equals the variant's) and the row has its columns."""
+    projects = _template.generate()
+    monkeypatch.setattr(_template, "generate", lambda: {"nnx-jit": projects["nnx-jit"]})
+    (row,) = bench_overhead.run(blocks=3, steps_per_block=2)
+    assert list(row) == [
+        "variant",
+        "steps_per_s",
+        "hand_written_steps_per_s",
+        "ratio",
+        "data_wait",
+        "next_share",
+        "first_loss_diff",
+        "steps",
+    ]
+    assert row["variant"] == "nnx-jit" and row["steps"] == 6
+    for key in ("data_wait", "next_share"):  # percentages (data_wait may be negative: noise)
+        assert row[key].endswith("%") and isinstance(float(row[key][:-1]), float), key
+    assert float(row["first_loss_diff"]) < 1e-5
 
 
 def test_every_benchmark_is_registered_and_importable():
