@@ -215,8 +215,13 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
             times[key].append(time.perf_counter() - start)
     host.close() if hasattr(host, "close") else None
     hdata.close()
+    # Paired per round (the three blocks of a round run back to back under the same load): the
+    # median of the per-round ratios cancels the load drift that medians taken apart keep.
+    pairs = list(zip(times["variant"], times["fixed"], times["hand"], strict=True))
     return dict(
         devices=jax.device_count(),
+        ratio=statistics.median(h / v for v, _, h in pairs),
+        data_wait=statistics.median(1 - f / v for v, f, _ in pairs),
         variant_steps_per_s=n / statistics.median(times["variant"]),
         fixed_batch_steps_per_s=n / statistics.median(times["fixed"]),
         hand_steps_per_s=n / statistics.median(times["hand"]),

@@ -341,8 +341,13 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
-def _scalars(collection: Any) -> dict[str, float]:
-    return {name: float(value) for name, value in collection.compute().items()}
+@functools.partial(jax.jit, compiler_options=RUN_ONCE_OPTIONS)
+def _compute(collection: metrics.Collection) -> dict[str, jax.Array]:
+    return collection.compute()  # one program, not one per operation of each metric
+
+
+def _scalars(collection: metrics.Collection) -> dict[str, float]:
+    return {name: float(value) for name, value in jax.device_get(_compute(collection)).items()}
 
 
 @functools.partial(jax.jit, compiler_options=RUN_ONCE_OPTIONS)
