@@ -81,7 +81,7 @@ def test_variant_files_names_and_lint(tmp_path, model_api, parallelism):
     models = (project / package / "models.py").read_text()
     parallel = (project / package / "parallel.py").read_text()
     if model_api == "nnx":
-        assert "nnx.Optimizer(model, setup.tx, wrt=nnx.Param)" in train
+        assert "nnx.Optimizer(nnx.merge(graphdef, state), tx, wrt=nnx.Param)" in train
         assert "from flax import nnx" in models
     else:
         assert "class TrainState(train_state.TrainState)" in train
