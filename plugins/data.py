@@ -22,7 +22,6 @@ Batches are dicts of numpy arrays: ``image`` float32 in [0, 1] ``(B, H, W, C)``,
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import queue
@@ -57,7 +56,6 @@ _cache: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-@functools.cache
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     """Returns the tfds builder of ``name``; an unknown name raises ``ConfigError``."""
     try:

@@ -131,9 +131,10 @@ def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTr
     # Device arrays get their leading axis in one compiled program for the whole tree (one
     # compile instead of one per leaf shape); host arrays get it for free in numpy.
     on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
-    expanded = _add_leading_axis([leaves[i] for i in on_device])
-    for i, x in zip(on_device, expanded, strict=True):
-        leaves[i] = x
+    if on_device:
+        expanded = _add_leading_axis([leaves[i] for i in on_device])
+        for i, x in zip(on_device, expanded, strict=True):
+            leaves[i] = x
     out = []
     for x in leaves:
         one = x if isinstance(x, jax.Array) else x[None]
@@ -165,7 +166,9 @@ def unreplicate(tree: PyTree) -> PyTree:
     leaves, treedef = jax.tree.flatten(tree)
     on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
     # One compiled program for the whole tree, not one per leaf shape.
-    firsts = _drop_leading_axis([leaves[i].addressable_data(0) for i in on_device])
+    firsts = (
+        _drop_leading_axis([leaves[i].addressable_data(0) for i in on_device]) if on_device else []
+    )
     firsts_by_index = dict(zip(on_device, firsts, strict=True))
     out = [firsts_by_index[i] if i in firsts_by_index else x[0] for i, x in enumerate(leaves)]
     return jax.tree.unflatten(treedef, out)

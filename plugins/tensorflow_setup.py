@@ -17,6 +17,7 @@ importing the same modules at once is what Python's import locks handle least gr
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ _thread: threading.Thread | None = None
 _error: BaseException | None = None
 
 
+@functools.cache
 def hide_accelerators() -> None:
     """Imports TensorFlow and hides the GPUs/TPUs from it (they belong to JAX)."""
     import tensorflow as tf

@@ -67,10 +67,3 @@ def eval_batches(config: Any, *, batch_size: int) -> Iterator[dict]:
     return plugins_data.eval_iterator(
         config.dataset, batch_size=batch_size, split=EVAL_SPLIT, data_dir=config.data_dir
     )
-
-
-def example_batch(config: Any, batch_size: int, *, train: bool = True) -> dict:
-    """Zeros shaped and typed like ``train_batches`` (or ``eval_batches``) yield: to compile the
-    steps before any data is read."""
-    _, shape = dataset_info(config)
-    return plugins_data.example_batch(shape, batch_size, train=train)

@@ -38,7 +38,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metrics
-from plugins import config_errors, losses, masks, optim, schedules, tensorflow_setup
+from plugins import config_errors, data, losses, masks, optim, schedules, tensorflow_setup
 
 from . import input_pipeline, parallel
 
@@ -442,14 +442,10 @@ def run(
     local_batch = dp.local_batch_size(config.batch_size)
     local_eval_batch = dp.local_batch_size(config.eval_batch_size)
     # Compiled now, while TensorFlow imports; the loop's calls find them in jit's cache.
-    train_step.lower(
-        state, accumulated, dp.example_batch(input_pipeline.example_batch(config, local_batch))
-    ).compile()
-    eval_step.lower(
-        state,
-        empty_eval,
-        dp.example_batch(input_pipeline.example_batch(config, local_eval_batch, train=False)),
-    ).compile()
+    train_batch = data.example_batch(input_shape, local_batch)
+    eval_batch = data.example_batch(input_shape, local_eval_batch, train=False)
+    train_step.lower(state, accumulated, dp.example_batch(train_batch)).compile()
+    eval_step.lower(state, empty_eval, dp.example_batch(eval_batch)).compile()
     tensorflow_setup.wait(WRITER_MODULES)
     from clu import metric_writers, periodic_actions
 
