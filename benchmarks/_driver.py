@@ -218,9 +218,12 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     # Paired per round (the three blocks of a round run back to back under the same load): the
     # median of the per-round ratios cancels the load drift that medians taken apart keep.
     pairs = list(zip(times["variant"], times["fixed"], times["hand"], strict=True))
+    ratios = [h / v for v, _, h in pairs]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return dict(
         devices=jax.device_count(),
-        ratio=statistics.median(h / v for v, _, h in pairs),
+        ratio=statistics.median(ratios),
+        ratio_quartiles=(quartiles[0], quartiles[2]),
         data_wait=statistics.median(1 - f / v for v, f, _ in pairs),
         variant_steps_per_s=n / statistics.median(times["variant"]),
         fixed_batch_steps_per_s=n / statistics.median(times["fixed"]),

@@ -19,7 +19,8 @@ blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98) and ``data_w
 variant / fixed-batch steps/s, the share of wall time the trainer loses to its input path (target
 < 2%), are paired estimates: each is the median over rounds of that round's ratio (the three
 blocks of a round run back to back under the same load), which cancels the load drift of a shared
-machine. Noise can still make ``data_wait`` slightly negative.
+machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
+machine, to read the target against. Noise can still make ``data_wait`` slightly negative.
 ``next_share`` = time inside ``next(batches)`` / the variant's wall time: not time waited, since
 dispatch is asynchronous and the next batch is cut while the device still runs the previous step.
 One CPU device (the default).
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 from benchmarks import _template
 
-BLOCKS = 18  # a multiple of 3: each of the three loops goes first in 6 blocks
+BLOCKS = 45  # a multiple of 3: each of the three loops goes first in 15 blocks
 STEPS_PER_BLOCK = 50
 
 
@@ -46,6 +47,7 @@ def run(blocks: int = BLOCKS, steps_per_block: int = STEPS_PER_BLOCK) -> list[di
                 steps_per_s=round(r["variant_steps_per_s"], 1),
                 hand_written_steps_per_s=round(r["hand_steps_per_s"], 1),
                 ratio=round(r["ratio"], 3),
+                ratio_iqr="{:.3f}-{:.3f}".format(*r["ratio_quartiles"]),
                 data_wait=f"{100 * r['data_wait']:.1f}%",
                 next_share=f"{100 * r['next_share']:.1f}%",
                 first_loss_diff=f"{r['first_loss_diff']:.1e}",

@@ -25,6 +25,7 @@ def test_overhead_rows(monkeypatch):
         "steps_per_s",
         "hand_written_steps_per_s",
         "ratio",
+        "ratio_iqr",
         "data_wait",
         "next_share",
         "first_loss_diff",
