@@ -145,7 +145,7 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
 
     def input_path():
         host = input_pipeline.train_batches(
-            config, batch_size=dp.local_batch_size(config.batch_size), start_step=0
+            config, batch_size=config.batch_size // jax.process_count(), start_step=0
         )
         return host, dp.train_batches(host)
 
@@ -248,7 +248,7 @@ def throughput(package: str, steps: str) -> dict:
     empty = dp.put_state(trainer.TrainMetrics.empty())
     step = dp.compile_train_step(task.train_step)
     host = input_pipeline.train_batches(
-        config, batch_size=dp.local_batch_size(config.batch_size), start_step=0
+        config, batch_size=config.batch_size // jax.process_count(), start_step=0
     )
     batches = dp.train_batches(host)
     batch_list = [next(batches) for _ in range(8)]

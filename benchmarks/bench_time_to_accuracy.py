@@ -11,7 +11,7 @@ imports - compile (data, initialisation, checkpoints, training steps, evaluation
 empty compilation cache; ``warm``: the cache the first cold run filled (``--compilation_cache_dir``,
 on by default in ~/.cache/jax). Medians over the runs; the variants' runs are interleaved.
 
-    python -m benchmarks.run time_to_accuracy     # BENCH_TTA_RUNS=5 for 5 runs of each
+    python -m benchmarks.run time_to_accuracy     # 5 runs of each; BENCH_TTA_RUNS=N for N
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks import _template
 
-RUNS = int(os.environ.get("BENCH_TTA_RUNS", "3"))
+RUNS = int(os.environ.get("BENCH_TTA_RUNS", "5"))
 
 
 def _one(project: Path, cache_dir: str) -> dict:

@@ -56,6 +56,15 @@ def check_positive_int(value: Any, key: str) -> None:
         raise ConfigError(f"{key} must be an int >= 1, got {value!r}")
 
 
+def check_batch_divides(batch_size: int, key: str, num_devices: int) -> None:
+    """Raises ``ConfigError`` unless a global ``batch_size`` splits evenly over ``num_devices``."""
+    if batch_size % num_devices:
+        raise ConfigError(
+            f"{key}={batch_size} does not divide over the {num_devices} devices; "
+            f"use a multiple of {num_devices}"
+        )
+
+
 def check_positive_ints(value: Any, key: str) -> None:
     """Raises ``ConfigError`` unless ``value`` is a non-empty list or tuple of ints >= 1."""
     if (

@@ -629,6 +629,20 @@ def nonfinite_count(opt_state: PyTree) -> jax.Array:
     return found[0].total_notfinite if found else jnp.zeros([], jnp.int32)
 
 
+def keep_if_skipped(opt_state: PyTree, new: PyTree, old: PyTree) -> PyTree:
+    """``new``, or ``old`` where the optimizer step that produced ``opt_state`` skipped its
+    update for non-finite gradients (``skip_nonfinite``; always ``new`` when that is off).
+
+    For state a train step changes beside the optimizer, such as batch-norm statistics: a
+    NaN batch skips its parameter update and must leave those untouched as well.
+    """
+    found = _find(_pure(opt_state), optax.ApplyIfFiniteState)
+    if not found:
+        return new
+    applied = found[0].last_finite
+    return jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
+
+
 def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 

@@ -362,6 +362,27 @@ def test_skip_nonfinite_skips_and_counts():
     assert int(optim.nonfinite_count(optax.adam(1.0).init(params))) == 0
 
 
+def test_keep_if_skipped_follows_the_skip_decision():
+    params = {"w": jnp.ones(3)}
+    new, old = {"mean": jnp.full(3, jnp.nan)}, {"mean": jnp.zeros(3)}
+    for skip in (True, False):
+        tx = optim.create(dict(name="sgd", learning_rate=1.0, skip_nonfinite=skip), total_steps=4)
+        state = tx.init(params)
+        _, state = tx.update({"w": jnp.array([jnp.nan, 0.0, 0.0])}, state, params)
+        kept = optim.keep_if_skipped(state, new, old)["mean"]
+        np.testing.assert_array_equal(kept, old["mean"] if skip else new["mean"])
+        _, state = tx.update({"w": jnp.ones(3)}, state, params)
+        np.testing.assert_array_equal(optim.keep_if_skipped(state, new, old)["mean"], new["mean"])
+    # On an nnx.Optimizer's state (Variables), inside jit.
+    tx = optim.create(dict(name="sgd", learning_rate=1.0, skip_nonfinite=True), total_steps=4)
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.inf), nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+    kept = nnx.jit(optim.keep_if_skipped)(optimizer.opt_state, new, old)["mean"]
+    np.testing.assert_array_equal(kept, old["mean"])
+
+
 def test_skip_nonfinite_with_accumulation_drops_only_the_bad_microbatch():
     params = {"w": jnp.ones(3)}
     cfg = dict(name="sgd", learning_rate=1.0, accumulate_steps=2, skip_nonfinite=True)

@@ -94,10 +94,16 @@ def test_variant_files_names_and_lint(tmp_path, model_api, parallelism):
         assert "cookiecutter" not in text and "{{" not in text and "{%" not in text, path
     assert f"from {package} import train" in (project / "main.py").read_text()
 
-    lint = [str(BIN / "ruff"), "check", "--no-cache", "."]
-    subprocess.run(lint, cwd=project, check=True)
-    fmt = [str(BIN / "ruff"), "format", "--no-cache", "--check", "."]
-    subprocess.run(fmt, cwd=project, check=True)
+    # Lint-clean whatever the package's name: here one that sorts after ``configs`` and ``main``
+    # and one that sorts before them (import order).
+    early = generate(
+        tmp_path / "early", project_name="Alpha", model_api=model_api, parallelism=parallelism
+    )
+    for path in (project, early):
+        lint = [str(BIN / "ruff"), "check", "--no-cache", "."]
+        subprocess.run(lint, cwd=path, check=True)
+        fmt = [str(BIN / "ruff"), "format", "--no-cache", "--check", "."]
+        subprocess.run(fmt, cwd=path, check=True)
 
 
 def test_local_template_pins_plugins_as_file_url(tmp_path):

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import quick
 from {{ cookiecutter.package_name }} import train
+
+from configs import quick
 
 PROJECT = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2

@@ -18,14 +18,16 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
+from {{ cookiecutter.package_name }} import input_pipeline, train, trainer
+
 import main
 from configs import quick
-from {{ cookiecutter.package_name }} import input_pipeline, train, trainer
 
 PROJECT = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -276,6 +278,25 @@ def test_nonfinite_batches_are_skipped_counted_and_logged(tmp_path, monkeypatch)
     for step in (10, 20):
         state = _restore(tmp_path, step)
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if x.dtype.kind == "f")
+
+
+def test_nonfinite_batch_leaves_batch_norm_statistics_alone(tmp_path, monkeypatch):
+    """A skipped NaN batch must not reach the batch-norm running statistics either (they are
+    updated by the forward pass, not by the optimizer)."""
+    monkeypatch.setattr(input_pipeline, "train_batches", _poisoned({3: math.nan}))
+    config = quick.get_config()
+    config.model = ml_collections.ConfigDict(dict(name="resnet", stage_sizes=(1,), num_filters=8))
+    config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = 6
+    config.log_every_steps = 3
+    config.optimizer.schedule.warmup_steps = 2
+    config.optimizer.skip_nonfinite = True
+    history = train.train_and_evaluate(config, str(tmp_path))
+
+    assert history["nonfinite_count"] == [(3, 1.0), (6, 1.0)]
+    assert math.isfinite(history["eval_loss"][-1][1])
+    state = _restore(tmp_path, 6)
+    floats = [x for x in jax.tree.leaves(state) if x.dtype.kind == "f"]
+    assert len(floats) > 20 and all(np.isfinite(x).all() for x in floats)
 
 
 def test_nonfinite_without_skipping_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import pytest
 import tensorflow_datasets as tfds
 from plugins.config_errors import ConfigError
 
+from {{ cookiecutter.package_name }} import parallel, train
+
 from configs import cifar10, mnist, quick
-from {{ cookiecutter.package_name }} import train
 
 
 def _checkpoint_steps(workdir: Path) -> list[int]:
@@ -44,6 +48,58 @@ def test_loss_falls_checkpoints_and_resume(tmp_path):
     resumed = train.train_and_evaluate(config, str(tmp_path))
     assert [step for step, _ in resumed["train_loss"]] == [25, 30]
     assert _checkpoint_steps(tmp_path)[-1] == 30
+
+
+class _Tracked:
+    """A compiled step (or its ``lower()`` result) that names itself in ``active`` while it is
+    called, lowered or compiled: XLA compilations logged meanwhile are that step's."""
+
+    def __init__(self, step: Any, name: str, active: list[str]) -> None:
+        self.step, self.name, self.active = step, name, active
+
+    def _run(self, method: Any, *args: Any) -> Any:
+        self.active.append(self.name)
+        try:
+            return method(*args)
+        finally:
+            self.active.pop()
+
+    def __call__(self, *args: Any) -> Any:
+        return self._run(self.step, *args)
+
+    def lower(self, *args: Any) -> _Tracked:
+        return _Tracked(self._run(self.step.lower, *args), self.name, self.active)
+
+    def compile(self) -> Any:
+        return self._run(self.step.compile)
+
+
+def test_steps_compile_once(tmp_path, monkeypatch, caplog):
+    """The train and eval steps compile once per run (ahead of time, before the first batch):
+    no log step, evaluation, checkpoint or last partial eval batch compiles them again."""
+    active: list[str] = []
+    compiles: collections.Counter = collections.Counter()
+
+    class CompileLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Finished XLA compilation") and active:
+                compiles[active[-1]] += 1
+
+    def tracking(method: str) -> Any:
+        original = getattr(parallel.DataParallel, method)
+        return lambda dp, fn: _Tracked(original(dp, fn), method, active)
+
+    for method in ("compile_train_step", "compile_eval_step"):
+        monkeypatch.setattr(parallel.DataParallel, method, tracking(method))
+    caplog.set_level(logging.DEBUG, logger="jax._src.dispatch")  # where jax logs compilations
+    logger, handler = logging.getLogger("jax._src.dispatch"), CompileLog()
+    logger.addHandler(handler)
+    try:
+        history = train.train_and_evaluate(quick.get_config(), str(tmp_path))
+    finally:
+        logger.removeHandler(handler)
+    assert len(history["eval_loss"]) == 2 and len(history["train_loss"]) == 4
+    assert compiles == {"compile_train_step": 1, "compile_eval_step": 1}
 
 
 def test_finished_run_only_evaluates(tmp_path):

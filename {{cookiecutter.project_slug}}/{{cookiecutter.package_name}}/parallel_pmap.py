@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-from plugins import config_errors, sharding
+from plugins import sharding
 
 # The pmap axis: gradients are pmean'd and batch norm statistics averaged over it.
 AXIS_NAME: str | None = "batch"
@@ -26,20 +26,6 @@ class DataParallel:
         # Arrays typed exactly like the compiled steps' outputs, so that feeding either kind to
         # a step never compiles it a second time.
         self._as_step_output = jax.pmap(lambda tree: tree, axis_name=AXIS_NAME)
-
-    def check_batch_size(self, batch_size: Any, key: str) -> None:
-        """Raises ``ConfigError`` unless ``batch_size`` divides over every device."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise config_errors.ConfigError(f"{key} must be a positive int, got {batch_size!r}")
-        if batch_size % self.num_devices:
-            raise config_errors.ConfigError(
-                f"{key}={batch_size} does not divide over the {self.num_devices} devices; "
-                f"use a multiple of {self.num_devices}"
-            )
-
-    def local_batch_size(self, batch_size: int) -> int:
-        """This process's share of a global batch."""
-        return batch_size // jax.process_count()
 
     def put_state(self, state: Any) -> Any:
         """Replicates a host state (or metrics) on every local device."""
@@ -66,10 +52,6 @@ class DataParallel:
         return sharding.prefetch_to_device(map(sharding.shard, batches), size=2)
 
     eval_batches = train_batches
-
-    def example_batch(self, batch: dict) -> dict:
-        """One host batch in the form the compiled steps take it (to compile them ahead)."""
-        return next(self.train_batches([batch]))
 
     def compile_train_step(self, fn: Callable) -> Callable:
         """``fn(state, metrics, batch) -> (state, metrics)`` pmapped; the state is donated."""

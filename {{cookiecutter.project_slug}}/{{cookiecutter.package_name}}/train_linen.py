@@ -111,7 +111,10 @@ def build_task(
                 grads=grads,
                 loss_of_params=lambda params: loss_of(params)[0],
             )
-        state = state.apply_gradients(grads=grads, update_args=extra, batch_stats=batch_stats)
+        new_state = state.apply_gradients(grads=grads, update_args=extra)
+        # A skipped (non-finite) update leaves the batch-norm statistics as they were too.
+        batch_stats = optim.keep_if_skipped(new_state.opt_state, batch_stats, state.batch_stats)
+        state = new_state.replace(batch_stats=batch_stats)
         step_metrics = trainer.train_metrics(
             dp,
             loss=loss,

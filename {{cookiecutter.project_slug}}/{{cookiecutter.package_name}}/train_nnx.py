@@ -88,6 +88,8 @@ def build_task(
     def train_step(state: dict, metrics: trainer.TrainMetrics, batch: dict) -> tuple:
         model, optimizer = nnx.merge(graphdef, state)
         images, labels = batch["image"], batch["label"]
+        # Values, not the Variables themselves (which the forward pass below updates).
+        old_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
         def loss_of(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
             logits = model(images)
@@ -106,6 +108,9 @@ def build_task(
                 setup.update_args, loss=dp.mean(loss), grads=grads, loss_of_params=loss_of_params
             )
         optimizer.update(model, grads, **extra)
+        # A skipped (non-finite) update leaves the batch-norm statistics as they were too.
+        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        nnx.update(model, optim.keep_if_skipped(optimizer.opt_state, new_stats, old_stats))
         step_metrics = trainer.train_metrics(
             dp,
             loss=loss,

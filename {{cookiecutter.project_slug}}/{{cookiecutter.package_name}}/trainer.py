@@ -387,8 +387,8 @@ def run(
     # them meanwhile.
     tensorflow_setup.start_import(WRITER_MODULES)
     dp = parallel.DataParallel()
-    dp.check_batch_size(config.batch_size, "batch_size")
-    dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    for key in ("batch_size", "eval_batch_size"):
+        config_errors.check_batch_divides(config[key], key, dp.num_devices)
     num_classes, input_shape = input_pipeline.dataset_info(config)
     total_steps = config.num_train_steps
     tx = optim.create(config.optimizer, total_steps=total_steps)
@@ -439,13 +439,16 @@ def run(
     empty_eval = dp.put_state(EvalMetrics.empty())
     train_step = dp.compile_train_step(task.train_step)
     eval_step = dp.compile_eval_step(task.eval_step)
-    local_batch = dp.local_batch_size(config.batch_size)
-    local_eval_batch = dp.local_batch_size(config.eval_batch_size)
-    # Compiled now, while TensorFlow imports; the loop's calls find them in jit's cache.
-    train_batch = data.example_batch(input_shape, local_batch)
-    eval_batch = data.example_batch(input_shape, local_eval_batch, train=False)
-    train_step.lower(state, accumulated, dp.example_batch(train_batch)).compile()
-    eval_step.lower(state, empty_eval, dp.example_batch(eval_batch)).compile()
+    # Each process reads its own share of every global batch.
+    local_batch = config.batch_size // jax.process_count()
+    local_eval_batch = config.eval_batch_size // jax.process_count()
+    # Compiled now, while TensorFlow imports, on zeros in the form the steps take batches; the
+    # loop's calls find them in jit's cache.
+    train_batch = next(dp.train_batches([data.example_batch(input_shape, local_batch)]))
+    eval_zeros = data.example_batch(input_shape, local_eval_batch, train=False)
+    eval_batch = next(dp.eval_batches([eval_zeros]))
+    train_step.lower(state, accumulated, train_batch).compile()
+    eval_step.lower(state, empty_eval, eval_batch).compile()
     tensorflow_setup.wait(WRITER_MODULES)
     from clu import metric_writers, periodic_actions
 
