@@ -3,6 +3,7 @@
     python _driver.py overhead PACKAGE BLOCKS STEPS_PER_BLOCK
     python _driver.py throughput PACKAGE STEPS
     python _driver.py tta PACKAGE PARENT_START_TIME WORKDIR CACHE_DIR
+    python _driver.py resnet PACKAGE BLOCKS STEPS_PER_BLOCK BATCH STAGES FILTERS HALF
 
 Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
 
@@ -15,6 +16,9 @@ Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
   (1 2 3, 2 3 1, 3 1 2, ...; BLOCKS must be a multiple of 3); each block ends with the host
   read the trainer does at a log step. The input path costs ``1 - (1) / (2)`` of the wall time.
 - ``throughput``: the variant's train step alone, steps/s and the compile time of its first call.
+- ``resnet``: the variant's train step on a ResNet (the CIFAR-10 config's model, sizes given)
+  and one fixed CIFAR-10-shaped batch against the same model called as a pure function in a
+  hand-written ``jax.jit`` step; steps/s and XLA's FLOPs per step of each.
 - ``tta``: ``main.py --config=configs/default.py`` in this process, timing the imports, the
   compilation (JAX's own compile events) and the first evaluation at >= 97% accuracy.
 """
@@ -276,6 +280,146 @@ def throughput(package: str, steps: str) -> dict:
     )
 
 
+def _flops(compiled) -> float:
+    """FLOPs per call of a compiled function, by XLA's cost analysis (0 where it has none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # one entry per device program in older jax versions
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def hand_written_model(package: str, config, num_classes: int, input_shape, dtype):
+    """The variant's own model called as a pure function in one ``jax.jit`` over ``(params,
+    other model variables, optimizer state, image, label)`` with donated buffers: no trainer,
+    no TrainState or metrics; the optax transformation of ``plugins.optim.create``."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from plugins import losses, optim
+
+    models = importlib.import_module(f"{package}.models")
+    tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
+    loss_fn = losses.create(config.loss)
+    kwargs = dict(num_classes=num_classes, dtype=dtype)
+    if "rngs" in inspect.signature(models.create_model).parameters:  # Flax NNX
+        from flax import nnx
+
+        model = models.create_model(
+            config.model, input_shape=input_shape, rngs=nnx.Rngs(config.seed), **kwargs
+        )
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def forward(params, rest, image):
+            model = nnx.merge(graphdef, params, rest)
+            logits = model(image)
+            return logits, nnx.split(model, nnx.Param, ...)[2]
+
+    else:  # Flax Linen
+        model = models.create_model(config.model, **kwargs)
+        dummy = jnp.zeros((1, *input_shape), jnp.float32)
+        variables = model.init(jax.random.key(config.seed), dummy, train=False)
+        params = variables["params"]
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def forward(params, rest, image):
+            if not rest:  # no batch norm
+                return model.apply({"params": params}, image, train=True), rest
+            return model.apply({"params": params, **rest}, image, train=True, mutable=list(rest))
+
+    def step(params, rest, opt_state, image, label):
+        def loss_of(params):
+            logits, new_rest = forward(params, rest, image)
+            return loss_fn(logits, label), new_rest
+
+        (loss, rest), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1, 2)), (params, rest, tx.init(params))
+
+
+def resnet(
+    package: str, blocks: str, steps: str, batch_size: str, stages: str, filters: str, half: str
+) -> dict:
+    """The variant's train step on the CIFAR-10 config's ResNet, on one fixed CIFAR-10-shaped
+    batch, against :func:`hand_written_model`; steps/s and XLA's FLOPs per step of each."""
+    blocks, n = int(blocks), int(steps)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from configs import cifar10
+
+    from plugins import data
+
+    config = cifar10.get_config()
+    config.batch_size = int(batch_size)
+    config.model.stage_sizes = tuple(int(s) for s in stages.split(","))
+    config.model.num_filters = int(filters)
+    config.half_precision = half == "1"
+    with tfds.testing.mock_data(num_examples=8):  # dataset facts, offline
+        trainer, _, setup, task = build(package, config)
+    dp = setup.dp
+    rng = np.random.default_rng(0)
+    host = data.example_batch(setup.input_shape, config.batch_size)
+    host["image"] = rng.standard_normal(host["image"].shape).astype(host["image"].dtype)
+    host["label"] = rng.integers(0, setup.num_classes, config.batch_size).astype(np.int32)
+
+    step = dp.compile_train_step(task.train_step)
+    batch = next(dp.train_batches([host]))
+    empty = dp.put_state(trainer.TrainMetrics.empty())
+    variant = {"state": dp.put_state(task.state)}
+    variant_flops = _flops(step.lower(variant["state"], empty, batch).compile())
+
+    def variant_block(steps: int) -> None:
+        state, acc = variant["state"], empty
+        for _ in range(steps):
+            state, acc = step(state, acc, batch)
+        jax.block_until_ready(acc)
+        variant["state"] = state
+
+    hstep, hargs = hand_written_model(
+        package, config, setup.num_classes, setup.input_shape, setup.dtype
+    )
+    himage, hlabel = jax.device_put(host["image"]), jax.device_put(host["label"])
+    hand = {"args": jax.device_put(hargs)}
+    hand_flops = _flops(hstep.lower(*hand["args"], himage, hlabel).compile())
+
+    def hand_block(steps: int) -> None:
+        params, rest, opt_state = hand["args"]
+        for _ in range(steps):
+            params, rest, opt_state, loss = hstep(params, rest, opt_state, himage, hlabel)
+        jax.block_until_ready(loss)
+        hand["args"] = (params, rest, opt_state)
+
+    loops = [("variant", variant_block), ("hand", hand_block)]
+    for _, block in loops:  # warm up
+        block(n)
+    times: dict[str, list[float]] = {key: [] for key, _ in loops}
+    for i in range(blocks):
+        for key, block in loops[i % 2 :] + loops[: i % 2]:  # each loop first in half the blocks
+            start = time.perf_counter()
+            block(n)
+            times[key].append(time.perf_counter() - start)
+    ratios = [h / v for v, h in zip(times["variant"], times["hand"], strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    device = jax.devices()[0]
+    return dict(
+        device=f"{jax.device_count()} x {device.device_kind}",
+        dtype=jnp.dtype(setup.dtype).name,
+        ratio=statistics.median(ratios),
+        ratio_quartiles=(quartiles[0], quartiles[2]),
+        variant_steps_per_s=n / statistics.median(times["variant"]),
+        hand_steps_per_s=n / statistics.median(times["hand"]),
+        variant_flops=variant_flops,
+        hand_flops=hand_flops,
+        steps=blocks * n,
+    )
+
+
 def tta(package: str, parent_start: str, workdir: str, cache_dir: str) -> dict:
     """``main.py`` on the default config, timed from the parent's ``Popen``."""
     parent_start = float(parent_start)
@@ -326,5 +470,6 @@ def tta(package: str, parent_start: str, workdir: str, cache_dir: str) -> dict:
 
 if __name__ == "__main__":
     mode, package, *args = sys.argv[1:]
-    result = {"overhead": overhead, "throughput": throughput, "tta": tta}[mode](package, *args)
+    modes = {"overhead": overhead, "throughput": throughput, "tta": tta, "resnet": resnet}
+    result = modes[mode](package, *args)
     print(json.dumps(result), flush=True)

@@ -48,9 +48,13 @@ def generate() -> dict[str, Path]:
     return projects
 
 
-def env(devices: int = 1, **extra: str) -> dict[str, str]:
-    """The environment of a benchmark subprocess: CPU, ``devices`` simulated devices."""
-    out = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+def env(devices: int = 1, platforms: str | None = "cpu", **extra: str) -> dict[str, str]:
+    """The environment of a benchmark subprocess: ``devices`` simulated CPU devices, on
+    ``platforms`` (``JAX_PLATFORMS``; ``None`` keeps this process's setting: JAX's default
+    backend, a GPU where there is one)."""
+    out = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    if platforms is not None:
+        out["JAX_PLATFORMS"] = platforms
     flags = [f for f in out.get("XLA_FLAGS", "").split() if "device_count" not in f]
     if devices > 1:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
@@ -58,12 +62,19 @@ def env(devices: int = 1, **extra: str) -> dict[str, str]:
     return out
 
 
-def run_driver(project: Path, mode: str, *args: str, devices: int = 1, timeout: float = 600):
-    """Runs ``_driver.py mode args`` inside ``project``; returns its JSON result."""
+def run_driver(
+    project: Path,
+    mode: str,
+    *args: str,
+    devices: int = 1,
+    platforms: str | None = "cpu",
+    timeout: float = 600,
+):
+    """Runs ``_driver.py mode args`` inside ``project`` (see :func:`env`); returns its JSON."""
     proc = subprocess.run(
         [sys.executable, str(DRIVER), mode, PACKAGE, *args],
         cwd=project,
-        env=env(devices),
+        env=env(devices, platforms),
         capture_output=True,
         text=True,
         timeout=timeout,

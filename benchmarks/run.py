@@ -24,7 +24,10 @@ BENCHMARKS = {
     "optim": "benchmarks.bench_optim",
     "accumulation": "benchmarks.bench_accumulation",
     "pmap_floor": "benchmarks.bench_pmap_floor",
+    "resnet": "benchmarks.bench_resnet",
 }
+# Run by default only where JAX's default backend is an accelerator (name them to run anyway).
+ACCELERATOR_ONLY = ("resnet",)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "tensorflow-datasets", "orbax-checkpoint", "clu")
 
 
@@ -37,21 +40,32 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """One line describing this machine and the library versions."""
+def _devices() -> str:
+    """This machine's JAX devices, e.g. ``1 x cpu`` or ``1 x NVIDIA H100 80GB HBM3``."""
     import jax
 
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+
+
+def machine() -> str:
+    """One line describing this machine and the library versions."""
     versions = []
     for name in PACKAGES:
         try:
             versions.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             pass
-    devices = jax.devices()
     return (
         f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"{len(devices)} x {devices[0].device_kind}; " + ", ".join(versions)
+        f"{_devices()}; " + ", ".join(versions)
     )
+
+
+def _accelerator() -> bool:
+    """Whether JAX's default backend here is a GPU or TPU."""
+    import jax
+
+    return jax.default_backend() != "cpu"
 
 
 def _existing_sections(path: str) -> dict[str, str]:
@@ -74,22 +88,23 @@ def main(argv: list[str]) -> None:
     """Runs the chosen benchmarks (all by default) and writes docs/benchmarks.md; a run of some
     benchmarks replaces their sections and keeps the others' (each section says when and how it
     was measured)."""
-    chosen = argv or list(BENCHMARKS)
+    chosen = argv or [n for n in BENCHMARKS if n not in ACCELERATOR_ONLY or _accelerator()]
     unknown = [n for n in chosen if n not in BENCHMARKS]
     if unknown:
         sys.exit(f"unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}")
-    settings = [f"{k}={os.environ[k]} " for k in ("BENCH_TTA_RUNS",) if k in os.environ]
+    knobs = ("BENCH_TTA_RUNS", "BENCH_RESNET_SIZES")
+    settings = [f"{k}={os.environ[k]} " for k in knobs if k in os.environ]
     command = "".join(settings) + " ".join(["python -m benchmarks.run", *argv])
     path = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
     body = _existing_sections(path)
     header = [
         "# Benchmarks",
         "",
-        f"Machine: {machine()}.",
-        "",
         "Regenerate with `make bench` (`nox -s bench`, i.e. `python -m benchmarks.run`);",
-        "`python -m benchmarks.run NAME ...` reruns some and keeps the other sections.",
+        "`python -m benchmarks.run NAME ...` reruns some and keeps the other sections. Each",
+        "section ends with the date, command and machine it was measured with.",
     ]
+    here = machine()
     for name in chosen:
         start = time.perf_counter()
         module = importlib.import_module(BENCHMARKS[name])
@@ -98,7 +113,7 @@ def main(argv: list[str]) -> None:
         took = time.perf_counter() - start
         print(f"\n## {name} ({took:.0f} s)\n{table}", flush=True)
         doc = (module.__doc__ or "").strip()
-        when = f"Measured {datetime.date.today()} with `{command}` ({took:.0f} s)."
+        when = f"Measured {datetime.date.today()} with `{command}` ({took:.0f} s) on {here}."
         body[name] = "\n".join(["", doc, "", table, "", when, "", ""])
     order = [n for n in BENCHMARKS if n in body] + [n for n in body if n not in BENCHMARKS]
     with open(path, "w") as f:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import _template, bench_accumulation, bench_overhead, run
+from benchmarks import _template, bench_accumulation, bench_overhead, bench_resnet, run
 
 
 def test_accumulation_is_the_same_update_and_reports_memory():
@@ -35,6 +35,23 @@ def test_overhead_rows(monkeypatch):
     for key in ("data_wait", "next_share"):  # percentages (data_wait may be negative: noise)
         assert row[key].endswith("%") and isinstance(float(row[key][:-1]), float), key
     assert float(row["first_loss_diff"]) < 1e-5
+
+
+def test_resnet_rows_both_model_apis():
+    """A tiny ResNet, one NNX and one Linen variant: both loops run and compile the same work
+    (XLA's FLOPs per step of the variant's step and of the hand-written one agree)."""
+    sizes = {"tiny": (8, (1,), 4, False)}
+    rows = bench_resnet.run(sizes, blocks=2, steps_per_block=1, variants=["nnx-jit", "linen-pmap"])
+    assert [(r["variant"], r["size"], r["batch"]) for r in rows] == [
+        ("nnx-jit", "tiny", 8),
+        ("linen-pmap", "tiny", 8),
+    ]
+    for row in rows:
+        assert row["dtype"] == "float32" and row["steps"] == 2
+        assert row["steps_per_s"] > 0 and row["hand_written_steps_per_s"] > 0
+        assert row["hand_gflop_per_step"] > 0
+        # The trainer adds metrics (accuracy, gradient norm) to the same forward/backward pass.
+        assert 1 <= row["gflop_per_step"] / row["hand_gflop_per_step"] < 1.5, row
 
 
 def test_every_benchmark_is_registered_and_importable():

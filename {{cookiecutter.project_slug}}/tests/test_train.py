@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,18 @@ def test_loss_falls_checkpoints_and_resume(tmp_path):
 
 class _Tracked:
     """A compiled step (or its ``lower()`` result) that names itself in ``active`` while it is
-    called, lowered or compiled: XLA compilations logged meanwhile are that step's."""
+    called, lowered or compiled: XLA compilations logged meanwhile by the same thread are that
+    step's (other threads, such as the learning-rate plot's, compile their own programs)."""
 
-    def __init__(self, step: Any, name: str, active: list[str]) -> None:
+    def __init__(self, step: Any, name: str, active: dict[int, str]) -> None:
         self.step, self.name, self.active = step, name, active
 
     def _run(self, method: Any, *args: Any) -> Any:
-        self.active.append(self.name)
+        self.active[threading.get_ident()] = self.name
         try:
             return method(*args)
         finally:
-            self.active.pop()
+            del self.active[threading.get_ident()]
 
     def __call__(self, *args: Any) -> Any:
         return self._run(self.step, *args)
@@ -77,13 +79,14 @@ class _Tracked:
 def test_steps_compile_once(tmp_path, monkeypatch, caplog):
     """The train and eval steps compile once per run (ahead of time, before the first batch):
     no log step, evaluation, checkpoint or last partial eval batch compiles them again."""
-    active: list[str] = []
+    active: dict[int, str] = {}  # thread -> the step it is running
     compiles: collections.Counter = collections.Counter()
 
     class CompileLog(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("Finished XLA compilation") and active:
-                compiles[active[-1]] += 1
+            step = active.get(record.thread)
+            if step and record.getMessage().startswith("Finished XLA compilation"):
+                compiles[step] += 1
 
     def tracking(method: str) -> Any:
         original = getattr(parallel.DataParallel, method)
@@ -99,7 +102,7 @@ def test_steps_compile_once(tmp_path, monkeypatch, caplog):
     finally:
         logger.removeHandler(handler)
     assert len(history["eval_loss"]) == 2 and len(history["train_loss"]) == 4
-    assert compiles == {"compile_train_step": 1, "compile_eval_step": 1}
+    assert compiles == {"compile_train_step": 1, "compile_eval_step": 1}, dict(compiles)
 
 
 def test_finished_run_only_evaluates(tmp_path):

@@ -94,8 +94,3 @@ class DataParallel:
     def sum(tree: Any) -> Any:
         """Sum over devices inside a step: the identity under jit."""
         return tree
-
-    @staticmethod
-    def metrics_from_output(collection: type, **outputs: Any) -> Any:
-        """A clu metrics collection from one step's (global) outputs."""
-        return collection.single_from_model_output(**outputs)

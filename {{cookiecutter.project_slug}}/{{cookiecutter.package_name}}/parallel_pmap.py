@@ -70,8 +70,3 @@ class DataParallel:
     def sum(tree: Any) -> Any:
         """Sum over devices inside a step."""
         return jax.lax.psum(tree, AXIS_NAME)
-
-    @staticmethod
-    def metrics_from_output(collection: type, **outputs: Any) -> Any:
-        """A clu metrics collection from one step's per-device outputs, gathered over devices."""
-        return collection.gather_from_model_output(axis_name=AXIS_NAME, **outputs)

@@ -107,10 +107,6 @@ class FirstNonfinite(metrics.Metric):
         first = jnp.where(self.first >= 0, self.first, later)
         return type(self)(steps=self.steps + other.steps, first=first)
 
-    def _reduce_merge(self, other: "FirstNonfinite") -> "FirstNonfinite":
-        # The same step seen by several devices: non-finite if it was on any.
-        return type(self)(steps=self.steps, first=jnp.maximum(self.first, other.first))
-
     def compute(self) -> jax.Array:
         return jnp.where(self.first >= 0, self.steps - self.first, 0)
 
@@ -197,7 +193,8 @@ class _PreemptionNotice:
 
 @flax.struct.dataclass
 class EvalMetrics(metrics.Collection):
-    """Evaluation metrics over every example of the evaluation split."""
+    """Evaluation metrics over every example of the evaluation split (sums only: the devices'
+    metrics add up)."""
 
     eval_loss: metrics.Average.from_output("loss")
     eval_accuracy: metrics.Average.from_output("correct")
@@ -290,12 +287,15 @@ def train_metrics(
 
     ``nonfinite_count`` is ``optim.nonfinite_count(opt_state)``: the steps skipped so far.
     """
-    loss = loss.astype(jnp.float32)
+    accuracy = losses.accuracy(logits, labels).astype(jnp.float32)
+    # Under pmap only the loss and accuracy differ between devices: one mean of these two
+    # scalars makes every metric the same on all devices, at a fraction of the cost of
+    # gathering whole metrics from each (the same numbers: every device holds as many examples).
+    loss, accuracy = dp.mean((loss.astype(jnp.float32), accuracy))
     grad_norm = optax.global_norm(grads).astype(jnp.float32)  # NaN/Inf if any gradient is
-    return dp.metrics_from_output(
-        TrainMetrics,
+    return TrainMetrics.single_from_model_output(
         loss=loss,
-        accuracy=losses.accuracy(logits, labels).astype(jnp.float32),
+        accuracy=accuracy,
         grad_norm=grad_norm,
         learning_rate=jnp.asarray(learning_rate, jnp.float32),
         nonfinite_count=jnp.asarray(nonfinite_count, jnp.float32),
@@ -309,12 +309,12 @@ def eval_metrics(
     """One eval batch's metrics over its real (``mask``) examples, across devices."""
     per_example = jax.vmap(lambda x, y: loss_fn(x[None], y[None]))(logits, labels)
     correct = jnp.argmax(logits, axis=-1) == labels
-    return dp.metrics_from_output(
-        EvalMetrics,
-        loss=per_example.astype(jnp.float32),
-        correct=correct.astype(jnp.float32),
-        mask=mask,
+    here = EvalMetrics.single_from_model_output(
+        loss=per_example.astype(jnp.float32), correct=correct.astype(jnp.float32), mask=mask
     )
+    # Sums over this device's real examples (an Average is a total and a count): summed over
+    # the devices under pmap, already global under jit.
+    return dp.sum(here)
 
 
 def update_args(
