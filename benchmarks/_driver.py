@@ -311,11 +311,12 @@ def hand_written_model(package: str, config, num_classes: int, input_shape, dtyp
             config.model, input_shape=input_shape, rngs=nnx.Rngs(config.seed), **kwargs
         )
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
         def forward(params, rest, image):
             model = nnx.merge(graphdef, params, rest)
             logits = model(image)
-            return logits, nnx.split(model, nnx.Param, ...)[2]
+            return logits, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
 
     else:  # Flax Linen
         model = models.create_model(config.model, **kwargs)
