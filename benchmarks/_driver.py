@@ -67,6 +67,28 @@ def _compile_listener() -> dict:
     return totals
 
 
+def _rotate(loops: list, blocks: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per block: ``blocks`` rounds, each running every ``(key, block)`` of ``loops``
+    for ``steps`` steps back to back, the loops taking turns to go first (1 2 3, 2 3 1, ...)."""
+    times: dict[str, list[float]] = {key: [] for key, _ in loops}
+    for i in range(blocks):
+        first = i % len(loops)
+        for key, block in loops[first:] + loops[:first]:
+            start = time.perf_counter()
+            block(steps)
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def _paired_ratio(variant: list[float], hand: list[float]) -> dict:
+    """Variant steps/s over hand-written steps/s, paired per round (the blocks of a round run
+    back to back under the same load): the median of the per-round ratios, which cancels the
+    load drift that medians taken apart keep, and their quartiles (this machine's noise)."""
+    ratios = [h / v for v, h in zip(variant, hand, strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return dict(ratio=statistics.median(ratios), ratio_quartiles=(quartiles[0], quartiles[2]))
+
+
 def build(package: str, config):
     """The variant's setup and task exactly as its ``trainer.run`` builds them."""
     train = importlib.import_module(f"{package}.train")
@@ -211,24 +233,14 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
         for _, block in loops:
             block(n)
     variant["wait"] = 0.0
-    times: dict[str, list[float]] = {key: [] for key, _ in loops}
-    for i in range(blocks):
-        for key, block in loops[i % 3 :] + loops[: i % 3]:  # each loop first in 1/3 of blocks
-            start = time.perf_counter()
-            block(n)
-            times[key].append(time.perf_counter() - start)
+    times = _rotate(loops, blocks, n)
     host.close() if hasattr(host, "close") else None
     hdata.close()
-    # Paired per round (the three blocks of a round run back to back under the same load): the
-    # median of the per-round ratios cancels the load drift that medians taken apart keep.
-    pairs = list(zip(times["variant"], times["fixed"], times["hand"], strict=True))
-    ratios = [h / v for v, _, h in pairs]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    pairs = list(zip(times["variant"], times["fixed"], strict=True))
     return dict(
         devices=jax.device_count(),
-        ratio=statistics.median(ratios),
-        ratio_quartiles=(quartiles[0], quartiles[2]),
-        data_wait=statistics.median(1 - f / v for v, f, _ in pairs),
+        **_paired_ratio(times["variant"], times["hand"]),
+        data_wait=statistics.median(1 - f / v for v, f in pairs),  # paired per round too
         variant_steps_per_s=n / statistics.median(times["variant"]),
         fixed_batch_steps_per_s=n / statistics.median(times["fixed"]),
         hand_steps_per_s=n / statistics.median(times["hand"]),
@@ -399,20 +411,12 @@ def resnet(
     loops = [("variant", variant_block), ("hand", hand_block)]
     for _, block in loops:  # warm up
         block(n)
-    times: dict[str, list[float]] = {key: [] for key, _ in loops}
-    for i in range(blocks):
-        for key, block in loops[i % 2 :] + loops[: i % 2]:  # each loop first in half the blocks
-            start = time.perf_counter()
-            block(n)
-            times[key].append(time.perf_counter() - start)
-    ratios = [h / v for v, h in zip(times["variant"], times["hand"], strict=True)]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    times = _rotate(loops, blocks, n)
     device = jax.devices()[0]
     return dict(
         device=f"{jax.device_count()} x {device.device_kind}",
         dtype=jnp.dtype(setup.dtype).name,
-        ratio=statistics.median(ratios),
-        ratio_quartiles=(quartiles[0], quartiles[2]),
+        **_paired_ratio(times["variant"], times["hand"]),
         variant_steps_per_s=n / statistics.median(times["variant"]),
         hand_steps_per_s=n / statistics.median(times["hand"]),
         variant_flops=variant_flops,
