@@ -18,7 +18,8 @@ Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
 - ``throughput``: the variant's train step alone, steps/s and the compile time of its first call.
 - ``resnet``: the variant's train step on a ResNet (the CIFAR-10 config's model, sizes given)
   and one fixed CIFAR-10-shaped batch against the same model called as a pure function in a
-  hand-written ``jax.jit`` step; steps/s and XLA's FLOPs per step of each.
+  hand-written ``jax.jit`` step; steps/s and XLA's FLOPs per step of each. Built with
+  ``trainer.make_setup``, without TensorFlow or tensorflow-datasets (refused if imported).
 - ``tta``: ``main.py --config=configs/default.py`` in this process, timing the imports, the
   compilation (JAX's own compile events) and the first evaluation at >= 97% accuracy.
 """
@@ -40,6 +41,9 @@ sys.path.insert(0, os.getcwd())
 
 class _Stop(Exception):
     pass
+
+
+CIFAR10_CLASSES, CIFAR10_SHAPE = 10, (32, 32, 3)
 
 
 def _compile_listener() -> dict:
@@ -360,21 +364,26 @@ def resnet(
     """The variant's train step on the CIFAR-10 config's ResNet, on one fixed CIFAR-10-shaped
     batch, against :func:`hand_written_model`; steps/s and XLA's FLOPs per step of each."""
     blocks, n = int(blocks), int(steps)
+    # Accelerator machines may have JAX but no TensorFlow: this mode must never need it.
+    for name in ("tensorflow", "tensorflow_datasets"):
+        sys.modules.setdefault(name, None)  # importing it now raises ImportError
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import tensorflow_datasets as tfds
     from configs import cifar10
 
     from plugins import data
 
+    trainer = importlib.import_module(f"{package}.trainer")
+    train = importlib.import_module(f"{package}.train")
     config = cifar10.get_config()
     config.batch_size = int(batch_size)
     config.model.stage_sizes = tuple(int(s) for s in stages.split(","))
     config.model.num_filters = int(filters)
     config.half_precision = half == "1"
-    with tfds.testing.mock_data(num_examples=8):  # dataset facts, offline
-        trainer, _, setup, task = build(package, config)
+    # CIFAR-10's facts, as trainer.run would read them from the dataset's metadata.
+    setup = trainer.make_setup(config, num_classes=CIFAR10_CLASSES, input_shape=CIFAR10_SHAPE)
+    task = train.build_task(config, setup)
     dp = setup.dp
     rng = np.random.default_rng(0)
     host = data.example_batch(setup.input_shape, config.batch_size)

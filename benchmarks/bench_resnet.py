@@ -1,11 +1,13 @@
 """ResNet on CIFAR-10-shaped data: each variant's train step against a hand-written loop, on the
 default JAX backend (a GPU where there is one; the other benchmarks force the CPU).
 
-For each generated variant, a fresh process builds the variant's train state and step with its
-own ``trainer.run`` on ``configs/cifar10.py`` (its ResNet with batch norm, SGD with Nesterov
+For each generated variant, a fresh process builds the variant's train state and step as its
+``trainer.run`` does (``trainer.make_setup`` with CIFAR-10's 10 classes of 32x32x3 images, then
+``build_task``) on ``configs/cifar10.py`` (its ResNet with batch norm, SGD with Nesterov
 momentum, decoupled weight decay, label smoothing) at the sizes of each row, and runs it on one
 fixed batch of random 32x32x3 images already on the device (this measures the step, not the
-input pipeline). Beside it, in the same process: the same model class called as a pure function
+input pipeline). It never imports TensorFlow or tensorflow-datasets, which accelerator machines
+often lack. Beside it, in the same process: the same model class called as a pure function
 (``nnx.split``/``nnx.merge``, or Linen's ``apply``) in one hand-written ``jax.jit`` over
 ``(params, batch statistics, optimizer state, image, label)`` with donated buffers, with the
 optax transformation of ``plugins.optim.create`` (the ``optim`` benchmark compares that with a

@@ -1,6 +1,9 @@
 """Deterministic, per-process, resumable input pipelines over tfds datasets.
 
 Importing this module registers the offline ``digits`` tfds builder (see ``plugins.digits``).
+It imports without tensorflow-datasets installed (building and compiling a model reads no data,
+e.g. on an accelerator machine that has JAX but not TensorFlow); reading a dataset then raises
+``ImportError``.
 
 The pipelines read a split once into numpy arrays (``load_split``) and batch it with index
 permutations, which is exact, cheap and fast for datasets that fit in memory (digits, mnist,
@@ -31,13 +34,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from plugins import config_errors, tensorflow_setup
-from plugins.digits import Digits
+
+try:
+    import tensorflow_datasets as tfds
+except ImportError as error:  # see the module docstring
+    tfds = None
+    _TFDS_MISSING = error
+else:
+    from plugins import digits  # noqa: F401  (registers the ``digits`` builder)
 
 __all__ = [
-    "Digits",
+    "builder",
     "load_split",
     "num_examples",
     "steps_per_epoch",
@@ -56,8 +65,14 @@ _cache: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """Returns the tfds builder of ``name``; an unknown name raises ``ConfigError``."""
+def builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """Returns the tfds builder of ``name`` (reads metadata, no data); an unknown name raises
+    ``ConfigError``, a missing tensorflow-datasets ``ImportError``."""
+    if tfds is None:
+        raise ImportError(
+            f"reading dataset {name!r} needs tensorflow-datasets and tensorflow "
+            "(pip install tensorflow-datasets tensorflow-cpu)"
+        ) from _TFDS_MISSING
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
@@ -97,10 +112,10 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
             _cache.move_to_end(key)
             return _cache[key]
 
-    builder = _builder(name, data_dir)
+    dataset = builder(name, data_dir)
     tensorflow_setup.hide_accelerators()  # TensorFlow reads the files: keep it off the GPUs
-    builder.download_and_prepare()
-    splits = builder.info.splits
+    dataset.download_and_prepare()
+    splits = dataset.info.splits
     expected = None
     if splits:  # Empty before preparation and under tfds.testing.mock_data: accept any split.
         try:
@@ -109,7 +124,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
             raise config_errors.unknown(
                 "split", f"dataset {name!r}", split, list(splits.keys())
             ) from None
-    features = builder.info.features
+    features = dataset.info.features
     missing = [k for k in ("image", "label") if k not in features]
     if missing:
         raise ValueError(
@@ -117,7 +132,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
             f"its features are {sorted(features.keys())}"
         )
 
-    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = dataset.as_dataset(split=split, shuffle_files=False)
     ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]}).batch(8192)
     parts = list(tfds.as_numpy(ds))
     if not parts:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -288,6 +290,30 @@ def test_unknown_dataset_suggests_the_nearest(data_dir):
         data.train_iterator("digitz", batch_size=8, seed=0, data_dir=data_dir)
     with pytest.raises(ValueError, match="unknown dataset"):
         data.eval_iterator("no_such_dataset_at_all", batch_size=8, data_dir=data_dir)
+
+
+_WITHOUT_TFDS = """
+import sys
+
+sys.modules["tensorflow_datasets"] = None  # importing it now raises ImportError
+from plugins import data
+
+batch = data.example_batch((8, 8, 1), 4)
+print(sorted(batch), batch["image"].shape)
+try:
+    data.train_iterator("digits", batch_size=8, seed=0)
+except ImportError as error:
+    print(error)
+"""
+
+
+def test_imports_without_tensorflow_datasets_and_says_what_reading_needs():
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TFDS], capture_output=True, text=True, check=True
+    )
+    keys, error = result.stdout.strip().splitlines()
+    assert keys == "['image', 'label'] (4, 8, 8, 1)"
+    assert error.startswith("reading dataset 'digits' needs tensorflow-datasets")
 
 
 def test_unknown_split(data_dir):

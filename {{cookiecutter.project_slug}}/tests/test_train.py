@@ -186,6 +186,46 @@ def test_unknown_top_level_key(tmp_path):
         train.train_and_evaluate(config, str(tmp_path))
 
 
+_WITHOUT_TENSORFLOW = """
+import importlib
+import sys
+
+for name in ("tensorflow", "tensorflow_datasets"):
+    sys.modules[name] = None  # importing them now raises ImportError
+from configs import quick
+from plugins import data
+
+train = importlib.import_module(sys.argv[1] + ".train")
+trainer = importlib.import_module(sys.argv[1] + ".trainer")
+config = quick.get_config()
+setup = trainer.make_setup(config, num_classes=10, input_shape=(8, 8, 1))
+task = train.build_task(config, setup)
+dp = setup.dp
+step = dp.compile_train_step(task.train_step)
+batch = next(dp.train_batches([data.example_batch(setup.input_shape, config.batch_size)]))
+state, metrics = step(dp.put_state(task.state), dp.put_state(trainer.TrainMetrics.empty()), batch)
+print(float(dp.to_host(metrics).compute()["train_loss"]))
+try:
+    data.load_split("digits", "train")
+except ImportError as error:
+    print(error)
+"""
+
+
+def test_steps_build_and_run_without_tensorflow():
+    """``trainer.make_setup`` + ``build_task``: a model's state and steps build, compile and run
+    where TensorFlow and tensorflow-datasets are missing (only reading data needs them, and
+    says so)."""
+    package = train.__name__.rpartition(".")[0]
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, package],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    loss, error = result.stdout.strip().splitlines()[-2:]
+    assert abs(float(loss) - math.log(10)) < 0.5  # ten classes, untrained: about log(10)
+    assert "needs tensorflow-datasets" in error
+
+
 _CACHE_CHECK = """
 import sys
 import jax

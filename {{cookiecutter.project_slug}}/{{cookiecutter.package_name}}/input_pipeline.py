@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import tensorflow_datasets as tfds
 from plugins import config_errors
 from plugins import data as plugins_data  # registers the offline ``digits`` dataset
 
@@ -25,12 +24,7 @@ def dataset_info(config: Any) -> tuple[int, tuple[int, int, int]]:
     Reads no data (works before the dataset is downloaded); an unknown dataset raises
     ``ConfigError``.
     """
-    try:
-        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-    except tfds.core.DatasetNotFoundError:
-        choices = tfds.list_builders(with_community_datasets=False)
-        raise config_errors.unknown("dataset", "dataset", config.dataset, choices) from None
-    features = builder.info.features
+    features = plugins_data.builder(config.dataset, config.data_dir).info.features
     missing = [k for k in ("image", "label") if k not in features]
     if missing:
         raise config_errors.ConfigError(

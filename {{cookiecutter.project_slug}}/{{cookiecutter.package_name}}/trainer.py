@@ -365,6 +365,36 @@ def _save_plot(optimizer_config: Any, *, total_steps: int, path: Path) -> None:
     os.replace(partial, path)
 
 
+def make_setup(
+    config: ml_collections.ConfigDict, *, num_classes: int, input_shape: tuple[int, int, int]
+) -> Setup:
+    """What a variant's ``build_task`` needs: the optimizer, loss and data parallelism of
+    ``config`` for a dataset of ``num_classes`` classes of ``input_shape`` images.
+
+    ``run`` reads both from the dataset's metadata. Given them, a model's state and steps can be
+    built and compiled without TensorFlow or any data (the repository's ResNet benchmark does
+    this on accelerator machines without TensorFlow).
+    """
+    dp = parallel.DataParallel()
+    for key in ("batch_size", "eval_batch_size"):
+        config_errors.check_batch_divides(config[key], key, dp.num_devices)
+    wanted = optim.extra_update_args(config.optimizer)
+    if wanted - SUPPORTED_UPDATE_ARGS:
+        raise config_errors.ConfigError(
+            f"optimizer.name={config.optimizer.name!r} needs the update argument(s) "
+            f"{sorted(wanted - SUPPORTED_UPDATE_ARGS)} that this trainer does not supply"
+        )
+    return Setup(
+        dp=dp,
+        tx=optim.create(config.optimizer, total_steps=config.num_train_steps),
+        loss_fn=losses.create(config.loss),
+        update_args=wanted,
+        num_classes=num_classes,
+        input_shape=tuple(input_shape),
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+    )
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -386,27 +416,9 @@ def run(
     # import and are first needed after the model is built and its steps are compiled: import
     # them meanwhile.
     tensorflow_setup.start_import(WRITER_MODULES)
-    dp = parallel.DataParallel()
-    for key in ("batch_size", "eval_batch_size"):
-        config_errors.check_batch_divides(config[key], key, dp.num_devices)
     num_classes, input_shape = input_pipeline.dataset_info(config)
-    total_steps = config.num_train_steps
-    tx = optim.create(config.optimizer, total_steps=total_steps)
-    wanted = optim.extra_update_args(config.optimizer)
-    if wanted - SUPPORTED_UPDATE_ARGS:
-        raise config_errors.ConfigError(
-            f"optimizer.name={config.optimizer.name!r} needs the update argument(s) "
-            f"{sorted(wanted - SUPPORTED_UPDATE_ARGS)} that this trainer does not supply"
-        )
-    setup = Setup(
-        dp=dp,
-        tx=tx,
-        loss_fn=losses.create(config.loss),
-        update_args=wanted,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-    )
+    setup = make_setup(config, num_classes=num_classes, input_shape=input_shape)
+    dp, total_steps = setup.dp, config.num_train_steps
     task = build_task(config, setup)
 
     workdir_path = Path(workdir).absolute()
