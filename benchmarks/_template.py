@@ -29,7 +29,18 @@ def name(model_api: str, parallelism: str) -> str:
 
 @functools.cache
 def generate() -> dict[str, Path]:
-    """Renders every variant (once per process); returns ``{'nnx-jit': project_dir, ...}``."""
+    """Renders every variant (once per process); returns ``{'nnx-jit': project_dir, ...}``.
+
+    With ``BENCH_PROJECTS=DIR`` set, the variants rendered earlier into ``DIR/<variant>`` (by
+    ``python -m benchmarks.offline_bundle``) are used instead: for machines without cookiecutter.
+    """
+    rendered = os.environ.get("BENCH_PROJECTS")
+    if rendered:
+        projects = {name(*v): Path(rendered, name(*v)).absolute() for v in VARIANTS}
+        missing = [str(p) for p in projects.values() if not (p / "main.py").is_file()]
+        if missing:
+            raise FileNotFoundError(f"BENCH_PROJECTS: no rendered project at {missing}")
+        return projects
     from cookiecutter.main import cookiecutter
 
     out = Path(tempfile.mkdtemp(prefix="bench_template_"))

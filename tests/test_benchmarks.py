@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from benchmarks import _template, bench_accumulation, bench_overhead, bench_resnet, run
+import shutil
+
+import pytest
+
+from benchmarks import (
+    _template,
+    bench_accumulation,
+    bench_overhead,
+    bench_resnet,
+    offline_bundle,
+    run,
+)
 
 
 def test_accumulation_is_the_same_update_and_reports_memory():
@@ -52,6 +63,24 @@ def test_resnet_rows_both_model_apis():
         assert row["hand_gflop_per_step"] > 0
         # The trainer adds metrics (accuracy, gradient norm) to the same forward/backward pass.
         assert 1 <= row["gflop_per_step"] / row["hand_gflop_per_step"] < 1.5, row
+
+
+def test_offline_bundle_projects_replace_rendering(tmp_path, monkeypatch):
+    """``offline_bundle.render`` copies the four variants; ``BENCH_PROJECTS`` makes the
+    benchmarks use those copies (no cookiecutter) and names a missing one."""
+    projects = offline_bundle.render(tmp_path / "projects")
+    assert sorted(projects) == sorted(_template.generate())
+    _template.generate.cache_clear()
+    monkeypatch.setenv("BENCH_PROJECTS", str(tmp_path / "projects"))
+    try:
+        assert _template.generate() == projects
+        assert all((p / "bench_project" / "trainer.py").is_file() for p in projects.values())
+        _template.generate.cache_clear()
+        shutil.rmtree(projects["linen-pmap"])
+        with pytest.raises(FileNotFoundError, match="linen-pmap"):
+            _template.generate()
+    finally:
+        _template.generate.cache_clear()
 
 
 def test_every_benchmark_is_registered_and_importable():
