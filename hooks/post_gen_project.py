@@ -116,19 +116,7 @@ def pin_plugins(pyproject: Path) -> None:
     pyproject.write_text(pinned)
 
 
-# Tests that only one parallelism variant runs.
-VARIANT_TESTS = {"tests/test_multihost.py": "jit"}
-
-
-def select_variant_tests(project: Path) -> None:
-    """Deletes the tests of the parallelism variant that was not chosen."""
-    for path, parallelism in VARIANT_TESTS.items():
-        if parallelism != PARALLELISM:
-            (project / path).unlink()
-
-
 if __name__ == "__main__":
     project = Path.cwd()
     select_variants(project / PACKAGE_NAME)
-    select_variant_tests(project)
     pin_plugins(project / "pyproject.toml")

@@ -174,6 +174,31 @@ def unreplicate(tree: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
+def global_replicated(tree: PyTree) -> PyTree:
+    """A pmap-replicated tree as global arrays replicated over every device of every process.
+
+    Each leaf of ``tree`` is a ``jax.Array`` with a leading axis of this process's devices and
+    the same copy on each (as ``replicate`` and pmapped steps make them); it becomes one
+    ``jax.Array`` without that axis, fully replicated over ``jax.devices()``, reusing those
+    copies. This is what a multi-process pmap run checkpoints: orbax saves only global arrays
+    (a replicated one once), and ``replicate`` takes them back. Every process calls it on its
+    own part. Single-process, it gives the same values as ``unreplicate``.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    devices = jax.local_devices()
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("devices",)), PartitionSpec())
+    shards = [{s.device: s.data for s in x.addressable_shards} for x in leaves]
+    # Per device, one compiled program drops the leading axis of all of its copies.
+    copies = {d: _drop_leading_axis([by_device[d] for by_device in shards]) for d in devices}
+    out = [
+        jax.make_array_from_single_device_arrays(
+            x.shape[1:], replicated, [copies[d][i] for d in devices]
+        )
+        for i, x in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
 def shard(batch: PyTree, num_devices: int | None = None) -> PyTree:
     """Reshapes each leaf ``(B, ...)`` to ``(num_devices, B // num_devices, ...)`` for pmap.
 

@@ -135,6 +135,24 @@ def test_replicate_unreplicate_round_trip():
     assert two["a"].shape == (2, 2, 3)
 
 
+def test_global_replicated_keeps_the_copies_and_round_trips():
+    """pmap-replicated leaves (scalars too) become global arrays replicated over every device,
+    with the values of ``unreplicate``; ``replicate`` takes them back."""
+    tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "step": jnp.int32(7)}
+    rep = jax.pmap(lambda t: jax.tree.map(lambda x: x + 1, t))(sharding.replicate(tree))
+    glob = sharding.global_replicated(rep)
+    for key, value in glob.items():
+        assert value.shape == np.shape(tree[key]) and value.dtype == rep[key].dtype
+        assert value.sharding.is_fully_replicated
+        assert value.sharding.device_set == set(jax.devices())
+        np.testing.assert_array_equal(value, np.asarray(tree[key]) + 1)
+        for shard in value.addressable_shards:
+            np.testing.assert_array_equal(shard.data, np.asarray(tree[key]) + 1)
+    again = sharding.replicate(glob)
+    assert again["a"].shape == (N, 2, 3) and again["step"].shape == (N,)
+    np.testing.assert_array_equal(sharding.unreplicate(again)["a"], tree["a"] + 1)
+
+
 def test_shard_and_errors():
     batch = {"x": np.arange(32).reshape(16, 2), "y": np.arange(16)}
     sharded = sharding.shard(batch)

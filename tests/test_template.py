@@ -37,6 +37,7 @@ SHIPPED = {
     "tests/test_config_errors.py",
     "tests/test_train.py",
     "tests/test_reliability.py",
+    "tests/test_multihost.py",
 }
 PACKAGE_FILES = {"__init__.py", "input_pipeline.py", "trainer.py", *VARIANT_FILES}
 
@@ -73,8 +74,7 @@ def test_variant_files_names_and_lint(tmp_path, model_api, parallelism):
     )
     assert project.name == "my-flax-project"
     package = "my_flax_project"
-    only_jit = {"tests/test_multihost.py"} if parallelism == "jit" else set()
-    expected = SHIPPED | only_jit | {f"{package}/{name}" for name in PACKAGE_FILES}
+    expected = SHIPPED | {f"{package}/{name}" for name in PACKAGE_FILES}
     assert files_of(project) == expected
 
     train = (project / package / "train.py").read_text()

@@ -1,4 +1,4 @@
-"""Two processes train like one (jit variant): ``main.py`` run twice on this machine.
+"""Two processes train like one: ``main.py`` run twice on this machine.
 
 Each process gets 4 simulated CPU devices (8 in all, as many as this test process has), gloo
 collectives and a coordinator on 127.0.0.1. They must give the loss curve of one process with

@@ -48,7 +48,11 @@ class DataParallel:
         return self._as_step_output(sharding.replicate(state))
 
     def host_state(self, state: Any) -> Any:
-        """One copy of the replicated state, as checkpointed."""
+        """The state as checkpointed: one copy of the replicated state. Across processes, a
+        global array replicated over every process's devices (orbax saves global arrays only,
+        and writes a replicated one once)."""
+        if jax.process_count() > 1:
+            return sharding.global_replicated(state)
         return sharding.unreplicate(state)
 
     def to_host(self, tree: Any) -> Any:
