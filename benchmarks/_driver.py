@@ -188,12 +188,13 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     variant = {"state": dp.put_state(task.state), "wait": 0.0}
 
     def variant_block(steps: int) -> None:
-        state, acc, wait = variant["state"], empty, 0.0
+        state, acc, wait, fence = variant["state"], empty, 0.0, trainer.Fence()
         for _ in range(steps):
             t = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t
             state, acc = step(state, acc, batch)
+            fence(acc)  # as the trainer's loop bounds the steps in flight
         variant["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
         variant.update(state=state, wait=variant["wait"] + wait)
 
@@ -205,9 +206,10 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     fixed = {"state": dp.put_state(task.state)}
 
     def fixed_block(steps: int) -> None:
-        state, acc = fixed["state"], empty
+        state, acc, fence = fixed["state"], empty, trainer.Fence()
         for _ in range(steps):
             state, acc = step(state, acc, fixed_batch)
+            fence(acc)
         fixed["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
         fixed.update(state=state)
 

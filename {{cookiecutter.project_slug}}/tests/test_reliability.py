@@ -319,3 +319,21 @@ def test_nonfinite_without_skipping_stops_and_keeps_the_last_checkpoint(tmp_path
     assert message.startswith("non-finite: the loss or gradients became NaN/Inf at step 13 ")
     assert "the last good checkpoint, step 10" in message
     assert _checkpoint_steps(tmp_path) == [10]
+
+
+def test_long_log_interval_on_eight_cpu_devices(tmp_path):
+    """400 steps between host reads on 8 simulated CPU devices: without a bound on the steps in
+    flight, XLA's CPU client aborts the process (its collectives wait on each other once about
+    160 executions queue up). ``trainer.Fence`` keeps the host at most 32 steps ahead."""
+    every = 400
+    result = subprocess.run(
+        [
+            sys.executable, "main.py", "--config=configs/quick.py", f"--workdir={tmp_path}",
+            f"--config.num_train_steps={every}", f"--config.log_every_steps={every}",
+            f"--config.eval_every_steps={every}", f"--config.checkpoint_every_steps={every}",
+        ],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {every}" in result.stdout + result.stderr
+    assert _checkpoint_steps(tmp_path) == [every]
