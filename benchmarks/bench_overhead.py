@@ -16,8 +16,8 @@ parameters and batch) shows they compute the same network. Blocks of 50 steps ro
 three loops (variant, fixed batch, hand-written; then fixed, hand, variant; then hand, variant,
 fixed; ...), each ending in the host read the trainer does at a log step (the variant's two loops,
 like the trainer's, also wait every 16 steps for the outputs of 16 steps before: ``Fence``);
-steps/s are medians over blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98) and ``data_wait`` = 1 -
-variant / fixed-batch steps/s, the share of wall time the trainer loses to its input path (target
+steps/s are medians over blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98) and
+``data_wait`` = 1 - variant / fixed-batch steps/s, the share of wall time the trainer loses to its input path (target
 < 2%), are paired estimates: each is the median over rounds of that round's ratio (the three
 blocks of a round run back to back under the same load), which cancels the load drift of a shared
 machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
