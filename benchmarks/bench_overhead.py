@@ -17,10 +17,10 @@ three loops (variant, fixed batch, hand-written; then fixed, hand, variant; then
 fixed; ...), each ending in the host read the trainer does at a log step (the variant's two loops,
 like the trainer's, also wait every 16 steps for the outputs of 16 steps before: ``Fence``);
 steps/s are medians over blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98) and
-``data_wait`` = 1 - variant / fixed-batch steps/s, the share of wall time the trainer loses to its input path (target
-< 2%), are paired estimates: each is the median over rounds of that round's ratio (the three
-blocks of a round run back to back under the same load), which cancels the load drift of a shared
-machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
+``data_wait`` = 1 - variant / fixed-batch steps/s, the share of wall time the trainer loses to
+its input path (target < 2%), are paired estimates: each is the median over rounds of that
+round's ratio (the three blocks of a round run back to back under the same load), which cancels
+the load drift of a shared machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
 machine, to read the target against. Noise can still make ``data_wait`` slightly negative.
 ``next_share`` = time inside ``next(batches)`` / the variant's wall time: not time waited, since
 dispatch is asynchronous and the next batch is cut while the device still runs the previous step.
