@@ -3,24 +3,24 @@
 The four variants (NNX/Linen x jit/pmap) are generated from this template with cookiecutter. In a
 fresh process per variant, the variant's own ``trainer.run`` builds its train state and step
 (``build_task``, ``DataParallel.compile_train_step``), fed by its own input path
-(``input_pipeline.train_batches`` then ``DataParallel.train_batches``) at the default config
-(CNN, batch 128, AdamW with warmup-cosine, digits). Beside it, in the same process, runs a
-hand-written loop: the same network in plain ``jax.lax`` starting from the variant's initial
-parameters, the same label-smoothed cross-entropy and AdamW recipe in optax, one ``jax.jit`` over
-``(params, opt_state, image, label)`` with donated buffers, fed by ``plugins.data.train_iterator``.
-A third loop runs the variant's step with no input path at all: one fixed batch (the first item
-of its ``dp.train_batches`` iterator, in the form the step takes -- on CPU the numpy batch, which
-the step's own dispatch places) reused every step, from a second copy of the initial state.
-``first_loss_diff`` (the first step's loss of the variant and the hand-written loop, same
-parameters and batch) shows they compute the same network. Blocks of 50 steps rotate over the
-three loops (variant, fixed batch, hand-written; then fixed, hand, variant; then hand, variant,
-fixed; ...), each ending in the host read the trainer does at a log step (the variant's two loops,
-like the trainer's, also wait every 16 steps for the outputs of 16 steps before: ``Fence``);
-steps/s are medians over blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98) and
-``data_wait`` = 1 - variant / fixed-batch steps/s, the share of wall time the trainer loses to
-its input path (target < 2%), are paired estimates: each is the median over rounds of that
-round's ratio (the three blocks of a round run back to back under the same load), which cancels
-the load drift of a shared machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
+(``input_pipeline.train_batches`` then ``DataParallel.train_batches``) at the default config (CNN,
+batch 128, AdamW with warmup-cosine, digits). Beside it, in the same process, runs a hand-written
+loop: the same network in plain ``jax.lax`` starting from the variant's initial parameters, the same
+label-smoothed cross-entropy and AdamW recipe in optax, one ``jax.jit`` over ``(params, opt_state,
+image, label)`` with donated buffers, fed by ``plugins.data.train_iterator``. A third loop runs the
+variant's step with no input path at all: one fixed batch (the first item of its
+``dp.train_batches`` iterator, in the form the step takes -- on CPU the numpy batch, which the
+step's own dispatch places) reused every step, from a second copy of the initial state.
+``first_loss_diff`` (the first step's loss of the variant and the hand-written loop, same parameters
+and batch) shows they compute the same network. Blocks of 50 steps rotate over the three loops
+(variant, fixed batch, hand-written; then fixed, hand, variant; then hand, variant, fixed; ...),
+each ending in the host read the trainer does at a log step (the variant's two loops, like the
+trainer's, also wait every 16 steps for the outputs of 16 steps before: ``Fence``); steps/s are
+medians over blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98) and ``data_wait`` =
+1 - variant / fixed-batch steps/s, the share of wall time the trainer loses to its input path
+(target < 2%), are paired estimates: each is the median over rounds of that round's ratio (the three
+blocks of a round run back to back under the same load), which cancels the load drift of a shared
+machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
 machine, to read the target against. Noise can still make ``data_wait`` slightly negative.
 ``next_share`` = time inside ``next(batches)`` / the variant's wall time: not time waited, since
 dispatch is asynchronous and the next batch is cut while the device still runs the previous step.
