@@ -7,7 +7,10 @@ pure step functions -- and :func:`run` drives it:
   anything compiles or any file is written);
 - the steps are compiled by ``parallel.DataParallel`` (jit over a mesh, or pmap);
 - the train step carries its metrics (clu ``metrics.Collection``) on the devices, so the hot loop
-  never waits for the host except at log, eval and checkpoint steps;
+  never waits for the host except at log, eval and checkpoint steps (and never runs more than
+  ``MAX_STEPS_IN_FLIGHT`` steps ahead of the devices: :class:`Fence`);
+- :func:`make_setup` + ``build_task`` build the state and steps without reading data (nor
+  importing TensorFlow), given the dataset's number of classes and image shape;
 - metrics go to TensorBoard and the console (clu metric writers; only process 0 writes);
 - orbax checkpoints go to ``<workdir>/checkpoints`` every ``checkpoint_every_steps`` and at the
   end, and a rerun resumes from the latest one, data position included;
