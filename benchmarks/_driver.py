@@ -33,14 +33,9 @@ import os
 import runpy
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.getcwd())
-
-
-class _Stop(Exception):
-    pass
 
 
 CIFAR10_CLASSES, CIFAR10_SHAPE = 10, (32, 32, 3)
@@ -93,23 +88,19 @@ def _paired_ratio(variant: list[float], hand: list[float]) -> dict:
     return dict(ratio=statistics.median(ratios), ratio_quartiles=(quartiles[0], quartiles[2]))
 
 
-def build(package: str, config):
-    """The variant's setup and task exactly as its ``trainer.run`` builds them."""
+def build(package: str, config, num_classes: int | None = None, input_shape=None):
+    """The variant's setup and task as its ``trainer.run`` builds them: the config checked,
+    ``trainer.make_setup`` with the dataset's facts (read from its metadata unless given),
+    then ``train.build_task``."""
     train = importlib.import_module(f"{package}.train")
     trainer = importlib.import_module(f"{package}.trainer")
     models = importlib.import_module(f"{package}.models")
-    got = {}
-
-    def grab(config, setup):
-        got.update(setup=setup, task=train.build_task(config, setup))
-        raise _Stop
-
-    with tempfile.TemporaryDirectory() as workdir:
-        try:
-            trainer.run(config, workdir, build_task=grab, model_check=models.check_model_config)
-        except _Stop:
-            pass
-    return trainer, train, got["setup"], got["task"]
+    trainer.validate_config(config, models.check_model_config)
+    if num_classes is None:
+        input_pipeline = importlib.import_module(f"{package}.input_pipeline")
+        num_classes, input_shape = input_pipeline.dataset_info(config)
+    setup = trainer.make_setup(config, num_classes=num_classes, input_shape=input_shape)
+    return trainer, train, setup, train.build_task(config, setup)
 
 
 def hand_written(config, init_params: dict):
@@ -376,16 +367,13 @@ def resnet(
 
     from plugins import data
 
-    trainer = importlib.import_module(f"{package}.trainer")
-    train = importlib.import_module(f"{package}.train")
     config = cifar10.get_config()
     config.batch_size = int(batch_size)
     config.model.stage_sizes = tuple(int(s) for s in stages.split(","))
     config.model.num_filters = int(filters)
     config.half_precision = half == "1"
     # CIFAR-10's facts, as trainer.run would read them from the dataset's metadata.
-    setup = trainer.make_setup(config, num_classes=CIFAR10_CLASSES, input_shape=CIFAR10_SHAPE)
-    task = train.build_task(config, setup)
+    trainer, _, setup, task = build(package, config, CIFAR10_CLASSES, CIFAR10_SHAPE)
     dp = setup.dp
     rng = np.random.default_rng(0)
     host = data.example_batch(setup.input_shape, config.batch_size)
