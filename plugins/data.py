@@ -213,6 +213,11 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, epoch]).permutation(n)
 
 
+# Float32 bytes of training images cut and converted at once: a whole epoch of small images (the
+# per-batch Python work then disappears), a few batches of large ones (bounded memory).
+_CHUNK_BYTES = 4 << 20
+
+
 def _train_batches(
     data: dict[str, np.ndarray],
     *,
@@ -223,15 +228,22 @@ def _train_batches(
     process_count: int,
     steps: int,
 ) -> Iterator[Batch]:
-    n = len(data["label"])
-    global_batch = batch_size * process_count
+    """This process's batches: for each chunk of consecutive steps, one gather and one float
+    conversion of all their examples, then one view of the chunk per batch."""
+    images, labels = data["image"], data["label"]
+    n = len(labels)
+    per_chunk = max(1, _CHUNK_BYTES // (batch_size * max(1, images[0].size) * 4))
     epoch, step_in_epoch = divmod(start_step, steps)
     while True:
-        perm = _permutation(seed, epoch, n)
-        for s in range(step_in_epoch, steps):
-            start = s * global_batch + process_index * batch_size
-            idx = perm[start : start + batch_size]
-            yield {"image": _to_float(data["image"][idx]), "label": data["label"][idx]}
+        # Row s: this process's slice of global batch s.
+        rows = _permutation(seed, epoch, n)[: steps * batch_size * process_count]
+        rows = rows.reshape(steps, process_count, batch_size)[:, process_index]
+        for first in range(step_in_epoch, steps, per_chunk):
+            idx = rows[first : first + per_chunk].ravel()
+            chunk_images, chunk_labels = _to_float(images[idx]), labels[idx]
+            for lo in range(0, len(idx), batch_size):
+                hi = lo + batch_size
+                yield {"image": chunk_images[lo:hi], "label": chunk_labels[lo:hi]}
         epoch, step_in_epoch = epoch + 1, 0
 
 

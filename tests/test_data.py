@@ -176,6 +176,24 @@ def test_resume_with_two_processes(data_dir):
         assert_same_batches(train(data_dir, 30, **kw)[24:], train(data_dir, 6, start_step=24, **kw))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 32 * 64 * 4])  # One batch, or 3 of 32 examples.
+def test_batches_do_not_depend_on_how_many_are_cut_at_once(data_dir, monkeypatch, chunk_bytes):
+    """The default cuts a whole digits epoch at once; smaller chunks give the same batches
+    (resumed mid-chunk, across epochs, on either of two processes), as fresh writable arrays."""
+    kw = {"batch_size": 32, "process_count": 2, "prefetch": 0}
+    whole_epoch = {p: train(data_dir, 40, process_index=p, **kw) for p in (0, 1)}
+    monkeypatch.setattr(data, "_CHUNK_BYTES", chunk_bytes)
+    for p in (0, 1):
+        assert_same_batches(train(data_dir, 40, process_index=p, **kw), whole_epoch[p])
+        assert_same_batches(
+            train(data_dir, 14, process_index=p, start_step=26, **kw), whole_epoch[p][26:]
+        )
+    first, second = train(data_dir, 2, **kw)
+    kept = second["image"].copy()
+    first["image"][:] = -1.0  # A batch edited in place leaves the others alone.
+    np.testing.assert_array_equal(second["image"], kept)
+
+
 def test_processes_get_disjoint_examples_covering_each_epoch(data_dir):
     batch, steps = 64, N_TRAIN // 128  # 2 processes x 64 = 128 per global batch.
     per_process = [
