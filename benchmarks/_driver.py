@@ -66,17 +66,20 @@ def _compile_listener() -> dict:
     return totals
 
 
-def _rotate(loops: list, blocks: int, steps: int) -> dict[str, list[float]]:
-    """Seconds per block: ``blocks`` rounds, each running every ``(key, block)`` of ``loops``
-    for ``steps`` steps back to back, the loops taking turns to go first (1 2 3, 2 3 1, ...)."""
-    times: dict[str, list[float]] = {key: [] for key, _ in loops}
+def _rotate(loops: list, blocks: int, steps: int) -> tuple[dict, dict]:
+    """Seconds per block, of wall time and of this (the dispatching) thread's CPU time:
+    ``blocks`` rounds, each running every ``(key, block)`` of ``loops`` for ``steps`` steps back
+    to back, the loops taking turns to go first (1 2 3, 2 3 1, ...)."""
+    wall: dict[str, list[float]] = {key: [] for key, _ in loops}
+    cpu: dict[str, list[float]] = {key: [] for key, _ in loops}
     for i in range(blocks):
         first = i % len(loops)
         for key, block in loops[first:] + loops[:first]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             block(steps)
-            times[key].append(time.perf_counter() - start)
-    return times
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.thread_time() - start_cpu)
+    return wall, cpu
 
 
 def _paired_ratio(variant: list[float], hand: list[float]) -> dict:
@@ -176,18 +179,15 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     empty = dp.put_state(trainer.TrainMetrics.empty())
     step = dp.compile_train_step(task.train_step)
     host, batches = input_path()
-    variant = {"state": dp.put_state(task.state), "wait": 0.0}
+    variant = {"state": dp.put_state(task.state)}
 
     def variant_block(steps: int) -> None:
-        state, acc, wait, fence = variant["state"], empty, 0.0, trainer.Fence()
+        state, acc, fence = variant["state"], empty, trainer.Fence()
         for _ in range(steps):
-            t = time.perf_counter()
-            batch = next(batches)
-            wait += time.perf_counter() - t
-            state, acc = step(state, acc, batch)
+            state, acc = step(state, acc, next(batches))
             fence(acc)  # as the trainer's loop bounds the steps in flight
         variant["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
-        variant.update(state=state, wait=variant["wait"] + wait)
+        variant.update(state=state)
 
     # The same step with no input path: the first batch of a second, identical iterator (so the
     # variant's own iterator still starts at batch 0), in the form the step takes, every step.
@@ -229,8 +229,7 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     for _ in range(2):  # warm up
         for _, block in loops:
             block(n)
-    variant["wait"] = 0.0
-    times = _rotate(loops, blocks, n)
+    times, cpu = _rotate(loops, blocks, n)
     host.close() if hasattr(host, "close") else None
     hdata.close()
     pairs = list(zip(times["variant"], times["fixed"], strict=True))
@@ -241,7 +240,11 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
         variant_steps_per_s=n / statistics.median(times["variant"]),
         fixed_batch_steps_per_s=n / statistics.median(times["fixed"]),
         hand_steps_per_s=n / statistics.median(times["hand"]),
-        next_share=variant["wait"] / sum(times["variant"]),
+        # The dispatching thread's CPU time that the input path adds, per variant wall time.
+        input_cpu=statistics.median(
+            (cv - cf) / v
+            for v, cv, cf in zip(times["variant"], cpu["variant"], cpu["fixed"], strict=True)
+        ),
         first_loss_diff=first_loss_diff,
         steps=blocks * n,
     )
@@ -410,7 +413,7 @@ def resnet(
     loops = [("variant", variant_block), ("hand", hand_block)]
     for _, block in loops:  # warm up
         block(n)
-    times = _rotate(loops, blocks, n)
+    times, _ = _rotate(loops, blocks, n)
     device = jax.devices()[0]
     return dict(
         device=f"{jax.device_count()} x {device.device_kind}",

@@ -22,8 +22,11 @@ medians over blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98)
 blocks of a round run back to back under the same load), which cancels the load drift of a shared
 machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
 machine, to read the target against. Noise can still make ``data_wait`` slightly negative.
-``next_share`` = time inside ``next(batches)`` / the variant's wall time: not time waited, since
-dispatch is asynchronous and the next batch is cut while the device still runs the previous step.
+``input_cpu`` = the CPU time the input path adds to the dispatching thread (its CPU time per
+variant block minus per fixed-batch block, ``time.thread_time``) / the variant's wall time, paired
+per round like the others: a low-noise bound on the wait, since the input path can only delay the
+step by the time it runs (all of it, if the host is the bottleneck; less when its work overlaps
+the asynchronous step on free cores).
 One CPU device (the default).
 
     python -m benchmarks.run overhead
@@ -50,7 +53,7 @@ def run(blocks: int = BLOCKS, steps_per_block: int = STEPS_PER_BLOCK) -> list[di
                 ratio=round(r["ratio"], 3),
                 ratio_iqr="{:.3f}-{:.3f}".format(*r["ratio_quartiles"]),
                 data_wait=f"{100 * r['data_wait']:.1f}%",
-                next_share=f"{100 * r['next_share']:.1f}%",
+                input_cpu=f"{100 * r['input_cpu']:.1f}%",
                 first_loss_diff=f"{r['first_loss_diff']:.1e}",
                 steps=r["steps"],
             )

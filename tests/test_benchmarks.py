@@ -38,12 +38,12 @@ def test_overhead_rows(monkeypatch):
         "ratio",
         "ratio_iqr",
         "data_wait",
-        "next_share",
+        "input_cpu",
         "first_loss_diff",
         "steps",
     ]
     assert row["variant"] == "nnx-jit" and row["steps"] == 6
-    for key in ("data_wait", "next_share"):  # percentages (data_wait may be negative: noise)
+    for key in ("data_wait", "input_cpu"):  # percentages (data_wait may be negative: noise)
         assert row[key].endswith("%") and isinstance(float(row[key][:-1]), float), key
     assert float(row["first_loss_diff"]) < 1e-5
 
