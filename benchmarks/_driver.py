@@ -232,19 +232,14 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     times, cpu = _rotate(loops, blocks, n)
     host.close() if hasattr(host, "close") else None
     hdata.close()
-    paired = _paired_ratio(times["variant"], times["hand"])
     pairs = list(zip(times["variant"], times["fixed"], strict=True))
-    fast = {key: _fast_decile(seconds) for key, seconds in times.items()}
     return dict(
         devices=jax.device_count(),
-        ratio=fast["hand"] / fast["variant"],
-        data_wait=1 - fast["fixed"] / fast["variant"],
-        variant_steps_per_s=n / fast["variant"],
-        fixed_batch_steps_per_s=n / fast["fixed"],
-        hand_steps_per_s=n / fast["hand"],
-        paired_ratio=paired["ratio"],
-        paired_ratio_quartiles=paired["ratio_quartiles"],
-        paired_data_wait=statistics.median(1 - f / v for v, f in pairs),
+        **_paired_ratio(times["variant"], times["hand"]),
+        data_wait=statistics.median(1 - f / v for v, f in pairs),  # paired per round too
+        variant_steps_per_s=n / statistics.median(times["variant"]),
+        fixed_batch_steps_per_s=n / statistics.median(times["fixed"]),
+        hand_steps_per_s=n / statistics.median(times["hand"]),
         # The dispatching thread's CPU time that the input path adds, per variant wall time.
         input_cpu=statistics.median(
             (cv - cf) / v
@@ -253,12 +248,6 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
         first_loss_diff=first_loss_diff,
         steps=blocks * n,
     )
-
-
-def _fast_decile(seconds: list[float]) -> float:
-    """The 10th percentile of block times: a loop's speed in the blocks least slowed by other
-    load (on a shared machine noise only adds time), steadier run to run than the median."""
-    return statistics.quantiles(seconds, n=10)[0] if len(seconds) > 1 else seconds[0]
 
 
 def throughput(package: str, steps: str) -> dict:

@@ -15,21 +15,18 @@ step's own dispatch places) reused every step, from a second copy of the initial
 and batch) shows they compute the same network. Blocks of 50 steps rotate over the three loops
 (variant, fixed batch, hand-written; then fixed, hand, variant; then hand, variant, fixed; ...),
 each ending in the host read the trainer does at a log step (the variant's two loops, like the
-trainer's, also wait every 16 steps for the outputs of 16 steps before: ``Fence``).
-
-On a shared machine other load only ever adds time, and adds it unevenly (block times scatter
-+-10 % or more), so a loop's speed is taken from its fast blocks: ``steps_per_s`` = steps per
-block / the 10th percentile of its block times. ``ratio`` = variant / hand-written steps/s so
-taken (target >= 0.98); ``data_wait`` = 1 - variant / fixed-batch steps/s, the share of wall
-time the trainer loses to its input path (target < 2%; noise can make it slightly negative).
-Repeated runs agree on these far more closely than on medians (figures in the README).
-``paired_ratio`` is the ratio under load: the median over rounds of that round's ratio (the
-three blocks of a round run back to back), with ``paired_iqr`` the interquartile range of those
-per-round ratios -- the noise of this machine. ``input_cpu`` = the CPU time the input path adds
-to the dispatching thread (its CPU time per variant block minus per fixed-batch block,
-``time.thread_time``) / the variant's wall time, the median over rounds: a low-noise bound on
-the wait, since the input path can only delay the step by the time it runs (all of it if the
-host is the bottleneck, less where it overlaps the asynchronous step).
+trainer's, also wait every 16 steps for the outputs of 16 steps before: ``Fence``); steps/s are
+medians over blocks. ``ratio`` = variant / hand-written steps/s (target >= 0.98) and ``data_wait`` =
+1 - variant / fixed-batch steps/s, the share of wall time the trainer loses to its input path
+(target < 2%), are paired estimates: each is the median over rounds of that round's ratio (the three
+blocks of a round run back to back under the same load), which cancels the load drift of a shared
+machine. ``ratio_iqr`` is the interquartile range of those per-round ratios: the noise of this
+machine, to read the target against. Noise can still make ``data_wait`` slightly negative.
+``input_cpu`` = the CPU time the input path adds to the dispatching thread (its CPU time per
+variant block minus per fixed-batch block, ``time.thread_time``) / the variant's wall time, paired
+per round like the others: a low-noise bound on the wait, since the input path can only delay the
+step by the time it runs (all of it, if the host is the bottleneck; less when its work overlaps
+the asynchronous step on free cores).
 One CPU device (the default).
 
     python -m benchmarks.run overhead
@@ -54,9 +51,8 @@ def run(blocks: int = BLOCKS, steps_per_block: int = STEPS_PER_BLOCK) -> list[di
                 steps_per_s=round(r["variant_steps_per_s"], 1),
                 hand_written_steps_per_s=round(r["hand_steps_per_s"], 1),
                 ratio=round(r["ratio"], 3),
+                ratio_iqr="{:.3f}-{:.3f}".format(*r["ratio_quartiles"]),
                 data_wait=f"{100 * r['data_wait']:.1f}%",
-                paired_ratio=round(r["paired_ratio"], 3),
-                paired_iqr="{:.3f}-{:.3f}".format(*r["paired_ratio_quartiles"]),
                 input_cpu=f"{100 * r['input_cpu']:.1f}%",
                 first_loss_diff=f"{r['first_loss_diff']:.1e}",
                 steps=r["steps"],
