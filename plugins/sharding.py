@@ -70,8 +70,12 @@ def _leading_dim(name: str, x: Any, what: str) -> int:
 
 def _batch_size(tree: PyTree, what: str) -> int:
     """The common leading dimension of every leaf, with one clear error when they disagree."""
-    # Per step on the hot path: the common case costs one flatten, no path names.
-    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
+    # Per step on the hot path: the common case costs one flatten (none for a flat dict of
+    # numpy arrays), no path names.
+    if type(tree) is dict and all(type(x) is np.ndarray for x in tree.values()):
+        shapes = [x.shape for x in tree.values()]
+    else:
+        shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
     if shapes and all(shapes) and len({shape[0] for shape in shapes}) == 1:
         return shapes[0][0]
     sizes = {}
@@ -219,6 +223,9 @@ def shard(batch: PyTree, num_devices: int | None = None) -> PyTree:
             f"shard: the per-process batch of {b} does not divide over {n} local devices; use a "
             f"batch size that is a multiple of {n} (or pad_shard_unpad for evaluation)"
         )
+    if type(batch) is dict and all(type(x) is np.ndarray for x in batch.values()):
+        # The usual batch, once per step: numpy's reshape without the pytree machinery.
+        return {key: x.reshape(n, b // n, *x.shape[1:]) for key, x in batch.items()}
     return jax.tree.map(lambda x: x.reshape(n, b // n, *np.shape(x)[1:]), batch)
 
 

@@ -158,6 +158,10 @@ def test_shard_and_errors():
     sharded = sharding.shard(batch)
     assert sharded["x"].shape == (N, 2, 2) and sharded["y"].shape == (N, 2)
     np.testing.assert_array_equal(sharded["y"].reshape(-1), batch["y"])
+    # Other pytrees (nested, jax arrays: not the flat dict of numpy arrays) shard alike.
+    nested = sharding.shard({"in": {"x": jnp.asarray(batch["x"])}, "y": [batch["y"]]})
+    np.testing.assert_array_equal(nested["in"]["x"], sharded["x"])
+    np.testing.assert_array_equal(nested["y"][0], sharded["y"])
     with pytest.raises(ValueError, match="batch of 12 does not divide over 8 local devices"):
         sharding.shard({"x": np.zeros((12, 2))})
     with pytest.raises(ValueError, match="leaves disagree on the batch size"):
