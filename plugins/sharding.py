@@ -7,6 +7,8 @@ pmap (per-process view, leading axis = this process's local devices):
 - ``shard_prng_key(key)``: one key per local device.
 - ``prefetch_to_device(iterator, size=2)``: sharded batches put on the devices ahead of use.
 - ``pad_shard_unpad(fn)``: call a pmapped function on a batch that does not divide over devices.
+- ``pmap(fn, axis_name, donate_argnums=...)``: ``jax.pmap``'s contract, with donated buffers
+  updated in place (``jax.pmap`` copies them every step on XLA:CPU).
 
 Mesh (``jax.jit`` with ``jax.sharding``, global view):
 
@@ -275,6 +277,52 @@ def prefetch_to_device(
     while queue:
         yield queue.popleft()
         enqueue(1)
+
+
+def pmap(
+    fn: Callable[..., Any],
+    axis_name: str,
+    *,
+    donate_argnums: int | Sequence[int] = (),
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[..., Any]:
+    """``jax.pmap(fn, axis_name, donate_argnums=...)`` whose donated buffers update in place.
+
+    The same contract as ``jax.pmap`` with ``in_axes=0, out_axes=0``: every argument and output
+    has a leading axis of ``len(devices)`` (default: this process's devices), ``fn`` sees one
+    device's slice without it, and collectives over ``axis_name`` (``lax.pmean``, ``psum``,
+    ``axis_index``, ...) span the devices.
+
+    It is built the way JAX builds ``jax.pmap`` -- ``jax.jit`` of a ``jax.shard_map`` over a
+    1-D mesh of the devices named ``axis_name`` -- with one difference: ``jax.pmap`` squeezes
+    the size-1 leading axis off each device's block and expands it back on the outputs, and
+    XLA:CPU then cannot update a donated buffer in place through that reshape, so it copies
+    every donated leaf every step (see ``benchmarks/bench_pmap_floor.py``). Here ``fn`` is
+    instead ``jax.vmap``-ed over that axis of size 1: the same per-device program with no copies.
+
+    Across processes (``jax.process_count() > 1``) it returns ``jax.pmap`` itself, which turns
+    each process's host-local arrays into global ones and back.
+
+    Args:
+      fn: the per-device function; positional arguments only.
+      axis_name: the name ``fn``'s collectives use.
+      donate_argnums: positions whose buffers the outputs may reuse.
+      devices: default ``jax.local_devices()``.
+
+    Returns:
+      A jitted function (``.lower`` works) of arrays with the leading device axis.
+    """
+    if jax.process_count() > 1:
+        return jax.pmap(fn, axis_name, donate_argnums=donate_argnums, devices=devices)
+    mesh = Mesh(np.asarray(_local_devices(devices)), (axis_name,))
+    spec = PartitionSpec(axis_name)
+    per_device = jax.shard_map(
+        jax.vmap(fn), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False
+    )
+    placed = NamedSharding(mesh, spec)
+    return jax.jit(
+        per_device, donate_argnums=donate_argnums, in_shardings=placed, out_shardings=placed
+    )
 
 
 def pad_shard_unpad(

@@ -1,5 +1,7 @@
 """plugins.sharding on 8 simulated CPU devices (one process)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +118,65 @@ def test_pmap_and_jit_steps_match_single_device():
         expected = PartitionSpec("data") if rules else PartitionSpec()
         assert state["params"]["w1"].sharding.spec == expected
         assert state["opt_state"][0].mu["w1"].sharding.spec == expected
+
+
+def _copied_sizes(compiled_text: str) -> list[int]:
+    """Elements of every array the entry computation of an XLA program copies."""
+    entry = compiled_text[compiled_text.index("ENTRY") :]
+    shapes = re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\{[^}]*\} copy\(", entry)
+    return [int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes]
+
+
+def test_pmap_is_jax_pmap_with_donated_state_updated_in_place(request):
+    """sharding.pmap computes what jax.pmap computes (collectives, axis_index, donation) from
+    numpy or prefetched batches, compiling once when its state is typed as its outputs, and its
+    program copies no donated array (jax.pmap's squeeze of the device axis makes XLA:CPU copy
+    each one every step)."""
+    batches = list(map(sharding.shard, _batches(steps=3)))
+    compiles = []
+
+    def on_duration(name: str, *_, **kwargs) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    request.addfinalizer(lambda: jax.monitoring.unregister_event_duration_listener(on_duration))
+
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(_loss)(state["params"], batch)
+        loss, grads = jax.lax.pmean((loss, grads), "batch")
+        params, opt_state = _update(state["params"], state["opt_state"], grads)
+        return {"params": params, "opt_state": opt_state}, (loss, jax.lax.axis_index("batch"))
+
+    def run(compiled, batch_iter, place=lambda tree: tree):
+        state = place(sharding.replicate({"params": _params(), "opt_state": TX.init(_params())}))
+        first = state["params"]["w1"]
+        compiles.clear()
+        outs = []
+        for batch in batch_iter:
+            state, out = compiled(state, batch)
+            outs.append(out)
+        assert first.is_deleted()  # donated
+        return state, outs, len(compiles)
+
+    ref_state, ref_outs, _ = run(jax.pmap(step, "batch", donate_argnums=(0,)), batches)
+    ours = sharding.pmap(step, "batch", donate_argnums=(0,))
+    # The mesh axis name is part of an array's type: state placed by the identity under
+    # sharding.pmap is typed like the step's outputs, so later steps reuse the first compile.
+    as_output = sharding.pmap(lambda tree: tree, "batch")
+    for batch_iter in (batches, sharding.prefetch_to_device(batches)):
+        state, outs, step_compiles = run(ours, batch_iter, as_output)
+        assert step_compiles == 1
+        for (loss, index), (ref_loss, ref_index) in zip(outs, ref_outs, strict=True):
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+            np.testing.assert_array_equal(index, ref_index)
+            np.testing.assert_array_equal(index, np.arange(N))
+        for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+    copied = _copied_sizes(ours.lower(state, batches[0]).compile().as_text())
+    assert all(size <= 1 for size in copied), copied  # scalars (step counts) at most
 
 
 def test_replicate_unreplicate_round_trip():

@@ -2,7 +2,10 @@
 
 The train state is replicated on this process's local devices (a leading device axis), each
 batch is reshaped to ``(devices, batch / devices, ...)``, and gradients are averaged across
-devices with ``lax.pmean`` over the axis ``AXIS_NAME``.
+devices with ``lax.pmean`` over the axis ``AXIS_NAME``. Steps are compiled by
+``plugins.sharding.pmap``: ``jax.pmap``'s contract, built as JAX builds it (jit of a shard_map),
+except that donated buffers update in place (``jax.pmap`` copies each of them every step on
+XLA:CPU); across processes it is ``jax.pmap`` itself.
 """
 
 from __future__ import annotations
@@ -17,31 +20,15 @@ from plugins import sharding
 AXIS_NAME: str | None = "batch"
 
 
-def _dispatch(pmapped: Callable, donate: tuple[int, ...]) -> Callable:
-    """``pmapped`` called through ``jax.jit`` in a single process: the same program (jax.pmap
-    is a jit of a shard_map), dispatched by jit's C++ path instead of pmap's per-call Python
-    (which flattens and checks every argument: a few % of a small step). Across processes,
-    pmap itself turns each process's arrays into global ones."""
-    if jax.process_count() > 1:
-        return pmapped
-
-    def step(*args: Any) -> Any:
-        # A plain function: jit of the pmapped function itself compiles its ahead-of-time
-        # lowering and its first call separately.
-        return pmapped(*args)
-
-    return jax.jit(step, donate_argnums=donate)
-
-
 class DataParallel:
-    """Replicates state over local devices and compiles steps with ``jax.pmap``."""
+    """Replicates state over local devices and compiles pmapped steps."""
 
     def __init__(self) -> None:
         self.local_devices = jax.local_device_count()
         self.num_devices = jax.device_count()
         # Arrays typed exactly like the compiled steps' outputs, so that feeding either kind to
         # a step never compiles it a second time.
-        self._as_step_output = jax.pmap(lambda tree: tree, axis_name=AXIS_NAME)
+        self._as_step_output = sharding.pmap(lambda tree: tree, AXIS_NAME)
 
     def put_state(self, state: Any) -> Any:
         """Replicates a host state (or metrics) on every local device."""
@@ -63,7 +50,7 @@ class DataParallel:
         """Shards host batches over the local devices, placed two steps ahead.
 
         On CPU devices, where there is no transfer to overlap (device memory is host memory),
-        the sharded numpy batches go to the step as they are: pmap places them in its C++
+        the sharded numpy batches go to the step as they are: the step places them in its C++
         dispatch path, which costs less per step than placing them from Python (see the
         repository's benchmarks/bench_overhead.py).
         """
@@ -75,11 +62,11 @@ class DataParallel:
 
     def compile_train_step(self, fn: Callable) -> Callable:
         """``fn(state, metrics, batch) -> (state, metrics)`` pmapped; the state is donated."""
-        return _dispatch(jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=(0,)), donate=(0,))
+        return sharding.pmap(fn, AXIS_NAME, donate_argnums=(0,))
 
     def compile_eval_step(self, fn: Callable) -> Callable:
         """``fn(state, metrics, batch) -> metrics`` pmapped."""
-        return _dispatch(jax.pmap(fn, axis_name=AXIS_NAME), donate=())
+        return sharding.pmap(fn, AXIS_NAME)
 
     @staticmethod
     def mean(tree: Any) -> Any:
