@@ -24,6 +24,7 @@ BENCHMARKS = {
     "optim": "benchmarks.bench_optim",
     "accumulation": "benchmarks.bench_accumulation",
     "pmap_floor": "benchmarks.bench_pmap_floor",
+    "grad_layout": "benchmarks.bench_grad_layout",
     "resnet": "benchmarks.bench_resnet",
 }
 # Run by default only where JAX's default backend is an accelerator (name them to run anyway).

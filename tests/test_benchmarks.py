@@ -98,3 +98,18 @@ def test_markdown_table():
         "| 1 | 0.500 |  |",
         "| 2 |  | x |",
     ]
+
+
+def test_grad_layout_rows():
+    """Tiny settings on 8 simulated devices: the four constructions make the same updates (the
+    loss after one of them agrees), and only plain ``jax.jit`` all-reduces gradients in a
+    transposed layout."""
+    from benchmarks import bench_grad_layout
+
+    rows = bench_grad_layout.run(rounds=1, steps=2)
+    assert [r["model"] for r in rows] == ["mlp", "cnn"]
+    for row in rows:
+        assert float(row["loss_spread"]) < 1e-5, row
+        counts = row["transposed_grads (jit / kernel_layout / shard_map / pmap)"].split(" / ")
+        assert counts[1:] == ["0", "0", "0"], row
+        assert all(row[f"{k}_over_jit"] > 0 for k in ("jit_kernel_layout", "shard_map"))
