@@ -1,7 +1,7 @@
 """Runs inside a generated project (its folder is the working directory): measures one variant.
 
     python _driver.py overhead PACKAGE BLOCKS STEPS_PER_BLOCK
-    python _driver.py throughput PACKAGE STEPS
+    python _driver.py throughput PACKAGE STEPS [BLOCKS]
     python _driver.py tta PACKAGE PARENT_START_TIME WORKDIR CACHE_DIR
     python _driver.py resnet PACKAGE BLOCKS STEPS_PER_BLOCK BATCH STAGES FILTERS HALF
 
@@ -15,7 +15,9 @@ Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
   the same loss and AdamW recipe, donated buffers). Blocks of steps rotate over the three
   (1 2 3, 2 3 1, 3 1 2, ...; BLOCKS must be a multiple of 3); each block ends with the host
   read the trainer does at a log step. The input path costs ``1 - (1) / (2)`` of the wall time.
-- ``throughput``: the variant's train step alone, steps/s and the compile time of its first call.
+- ``throughput``: the variant's train step on a few fixed batches, steps/s and the compile time
+  of its first call, in blocks alternating with ``load_meter``'s (a fixed hand-written
+  8-device step): ``relative`` is the median per-pair speed of the variant over the meter's.
 - ``resnet``: the variant's train step on a ResNet (the CIFAR-10 config's model, sizes given)
   and one fixed CIFAR-10-shaped batch against the same model called as a pure function in a
   hand-written ``jax.jit`` step; steps/s and XLA's FLOPs per step of each. Built with
@@ -106,8 +108,9 @@ def build(package: str, config, num_classes: int | None = None, input_shape=None
     return trainer, train, setup, train.build_task(config, setup)
 
 
-def hand_written(config, init_params: dict):
-    """The same CNN, loss and AdamW recipe as a plain jitted function of arrays."""
+def _hand_written_parts(config, init_params: dict):
+    """The default CNN as pure ``jax.lax`` (``loss_fn(params, image, label)``), its AdamW recipe
+    and its parameters as arrays."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -144,13 +147,68 @@ def hand_written(config, init_params: dict):
         targets = optax.smooth_labels(jax.nn.one_hot(label, logits.shape[-1]), 0.1)
         return optax.softmax_cross_entropy(logits, targets).mean()
 
+    return loss_fn, tx, jax.tree.map(jnp.asarray, init_params)
+
+
+def _update_step(loss_fn, tx, mean=lambda tree: tree):
+    """``(params, opt_state, image, label) -> (params, opt_state, loss)``, the gradients and
+    loss passed through ``mean`` (a ``pmean`` where the step runs per device)."""
+    import jax
+    import optax
+
     def step(params, opt_state, image, label):
-        loss, grads = jax.value_and_grad(loss_fn)(params, image, label)
+        loss, grads = mean(jax.value_and_grad(loss_fn)(params, image, label))
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    params = jax.tree.map(jnp.asarray, init_params)
-    return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params)
+    return step
+
+
+def hand_written(config, init_params: dict):
+    """The same CNN, loss and AdamW recipe as a plain jitted function of arrays."""
+    import jax
+
+    loss_fn, tx, params = _hand_written_parts(config, init_params)
+    return jax.jit(_update_step(loss_fn, tx), donate_argnums=(0, 1)), params, tx.init(params)
+
+
+def load_meter(config, init_params: dict, image, label):
+    """A fixed workload on every device, the same in every variant's process: the hand-written
+    CNN step as ``jax.jit`` of a ``jax.shard_map`` over the data mesh (gradients ``pmean``-ed,
+    state replicated and donated, one batch already placed). Timed in blocks beside a variant's,
+    it measures how fast this machine is at the moment: a variant's speed over it cancels the
+    load drift between processes. Returns ``block(steps)``."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from plugins import sharding
+
+    mesh = sharding.data_mesh()
+    loss_fn, tx, params = _hand_written_parts(config, init_params)
+    step = _update_step(loss_fn, tx, lambda tree: jax.lax.pmean(tree, "data"))
+    step = jax.jit(
+        jax.shard_map(
+            step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P(),
+            check_vma=False,
+        ),
+        donate_argnums=(0, 1),
+    )  # fmt: skip
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = {"params": jax.device_put(params, replicated)}
+    state["opt_state"] = jax.device_put(tx.init(params), replicated)
+    image, label = jax.device_put(image, split), jax.device_put(label, split)
+
+    def block(steps: int) -> None:
+        params, opt_state = state["params"], state["opt_state"]
+        for i in range(steps):
+            params, opt_state, loss = step(params, opt_state, image, label)
+            if i % 10 == 9:
+                jax.block_until_ready(loss)
+        jax.block_until_ready(loss)
+        state.update(params=params, opt_state=opt_state)
+
+    return block
 
 
 def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
@@ -250,14 +308,18 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     )
 
 
-def throughput(package: str, steps: str) -> dict:
-    """Steady-state steps/s of the variant's train step on a fixed batch; its compile time."""
-    steps = int(steps)
+def throughput(package: str, steps: str, blocks: str = "9") -> dict:
+    """Steady-state steps/s of the variant's train step on a few fixed batches, its compile
+    time, and its speed relative to :func:`load_meter` (blocks of the two alternate)."""
+    steps, blocks = int(steps), int(blocks)
     import jax
+    import numpy as np
     from configs import default
 
+    from plugins import data
+
     config = default.get_config()
-    trainer, _, setup, task = build(package, config)
+    trainer, train, setup, task = build(package, config)
     input_pipeline = importlib.import_module(f"{package}.input_pipeline")
     dp = setup.dp
     state = dp.put_state(task.state)
@@ -274,19 +336,33 @@ def throughput(package: str, steps: str) -> dict:
     jax.block_until_ready(acc)
     first_call_s = time.perf_counter() - start
     compile_s = totals["compile_s"]
-    rates = []
-    for _ in range(5):
-        start = time.perf_counter()
+    variant = {"state": state, "acc": acc}
+
+    def variant_block(steps: int) -> None:
+        state, acc = variant["state"], variant["acc"]
         for i in range(steps):
             state, acc = step(state, acc, batch_list[i % len(batch_list)])
             if i % 10 == 9:  # bounded work in flight, like the trainer's log steps
                 jax.block_until_ready(acc)
         jax.block_until_ready(acc)
-        rates.append(steps / (time.perf_counter() - start))
+        variant.update(state=state, acc=acc)
+
+    reference = next(data.train_iterator(config.dataset, batch_size=config.batch_size, seed=0))
+    meter = load_meter(
+        config, train.init_params(config), np.asarray(reference["image"]),
+        np.asarray(reference["label"]),
+    )  # fmt: skip
+    meter(2)  # compile
+    blocks = blocks + blocks % 2  # each goes first as often
+    wall, _ = _rotate([("variant", variant_block), ("meter", meter)], blocks, steps)
     host.close() if hasattr(host, "close") else None
     return dict(
         devices=jax.device_count(),
-        steps_per_s=statistics.median(rates),
+        steps_per_s=steps / statistics.median(wall["variant"]),
+        meter_steps_per_s=steps / statistics.median(wall["meter"]),
+        relative=statistics.median(
+            m / v for v, m in zip(wall["variant"], wall["meter"], strict=True)
+        ),
         compile_s=compile_s,
         first_call_s=first_call_s,
     )

@@ -1,17 +1,18 @@
-"""Why the jit variant trails the pmap variant on 8 simulated CPU devices: the gradients' layout.
+"""The layout XLA all-reduces gradients in, under ``jax.jit`` on 8 simulated CPU devices.
 
 No framework: a Linen MLP (64-256-256-10, on flattened 8x8 digits) and a CNN shaped like the
 template's default (two 3x3 convs of 32 and 64 features with 2x2 average pooling, dense 128,
 head 10, on 8x8x1), AdamW, global batch 128 split over 8 devices, the state replicated and
-donated. Four ways to compile the same step:
+donated, the batch already on the devices. Four ways to compile the same step:
 
 - ``jit``: ``jax.jit`` with the batch sharded and the state replicated; XLA's SPMD partitioner
-  inserts the gradient all-reduce (how the template's jit variant is built).
-- ``jit_kernel_layout``: the same, but the dense layers multiply through a custom-VJP matmul
-  whose weight gradient is ``dot_general(x, cotangent)``, already in the kernel's (in, out)
-  layout. JAX's own rule computes ``dot_general(cotangent, x)``, (out, in), then transposes; the
-  partitioner places the all-reduce between that dot and the transpose, so XLA cannot fold the
-  transpose into the dot and the AdamW update reads the reduced gradient transposed.
+  inserts the gradient all-reduce. JAX's autodiff computes the gradient of ``x @ w`` as
+  ``dot_general(cotangent, x)``, (out, in), then transposes it; the partitioner places the
+  all-reduce between that dot and the transpose, where XLA can no longer fold the transpose into
+  the dot, and the AdamW update reads the reduced gradient transposed.
+- ``jit_folded``: the same step through ``plugins.transpose_folding.fold_transposes``, which
+  computes each such pair as one ``dot_general(x, cotangent)`` before XLA sees it, so the
+  gradient is reduced in its parameter's layout (how the template's jit variant compiles now).
 - ``shard_map``: ``jax.jit`` of a ``jax.shard_map`` whose step ``pmean``s the gradients itself
   (the all-reduce comes after autodiff's transpose, which XLA folds into the dot).
 - ``plugins_pmap``: ``plugins.sharding.pmap`` of that step, what the pmap variants compile with.
@@ -52,47 +53,26 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from plugins import sharding
+    from plugins import sharding, transpose_folding
 
     assert jax.device_count() == DEVICES, jax.devices()
 
-    @jax.custom_vjp
-    def matmul(x, w):
-        return x @ w
-
-    def matmul_fwd(x, w):
-        return x @ w, (x, w)
-
-    def matmul_bwd(res, ct):
-        x, w = res
-        return ct @ w.T, jax.lax.dot_general(x, ct, (((0,), (0,)), ((), ())))
-
-    matmul.defvjp(matmul_fwd, matmul_bwd)
-
-    def kernel_layout_dot_general(x, w, dimension_numbers, *args, **kwargs):
-        assert x.ndim == 2 and dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers
-        return matmul(x, w)
-
     class MLP(nn.Module):
-        dot_general: Any = None
-
         @nn.compact
         def __call__(self, x):
             x = x.reshape((x.shape[0], -1))
             for width in (256, 256):
-                x = nn.relu(nn.Dense(width, dot_general=self.dot_general)(x))
-            return nn.Dense(10, dot_general=self.dot_general)(x)
+                x = nn.relu(nn.Dense(width)(x))
+            return nn.Dense(10)(x)
 
     class CNN(nn.Module):
-        dot_general: Any = None
-
         @nn.compact
         def __call__(self, x):
             for features in (32, 64):
                 x = nn.avg_pool(nn.relu(nn.Conv(features, (3, 3))(x)), (2, 2), (2, 2))
             x = x.reshape((x.shape[0], -1))
-            x = nn.relu(nn.Dense(128, dot_general=self.dot_general)(x))
-            return nn.Dense(10, dot_general=self.dot_general)(x)
+            x = nn.relu(nn.Dense(128)(x))
+            return nn.Dense(10)(x)
 
     tx = optax.adamw(1e-3)
     rng = np.random.default_rng(0)
@@ -127,18 +107,22 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
         plain = make_step(cls(), lambda t: t)
         per_device = make_step(cls(), pmean)
         stacked = sharding.pmap(lambda t: t, "data")(sharding.replicate(state))
-        xs, ys = x.reshape(DEVICES, -1, 8, 8, 1), y.reshape(DEVICES, -1)
+        # Every contender gets its batch already placed (split over the devices), so that the
+        # steps alone are timed.
+        bx, by = jax.device_put(x, split), jax.device_put(y, split)
+        xs = jax.device_put(x.reshape(DEVICES, -1, 8, 8, 1), split)
+        ys = jax.device_put(y.reshape(DEVICES, -1), split)
         contenders = {
             "jit": [
                 jax.jit(plain, in_shardings=(replicated, split, split), donate_argnums=0),
-                jax.device_put(state, replicated), x, y,
+                jax.device_put(state, replicated), bx, by,
             ],
-            "jit_kernel_layout": [
+            "jit_folded": [
                 jax.jit(
-                    make_step(cls(dot_general=kernel_layout_dot_general), lambda t: t),
+                    transpose_folding.fold_transposes(plain),
                     in_shardings=(replicated, split, split), donate_argnums=0,
                 ),
-                jax.device_put(state, replicated), x, y,
+                jax.device_put(state, replicated), bx, by,
             ],
             "shard_map": [
                 jax.jit(
@@ -148,8 +132,7 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
                     ),
                     donate_argnums=0,
                 ),
-                jax.device_put(state, replicated), jax.device_put(x, split),
-                jax.device_put(y, split),
+                jax.device_put(state, replicated), bx, by,
             ],
             "plugins_pmap": [
                 sharding.pmap(per_device, "data", donate_argnums=(0,)), stacked, xs, ys,
@@ -168,10 +151,10 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
         checked_loss = {}
         for r in range(rounds + 1):
             for key, c in contenders.items():
-                fn, s, bx, by = c
+                fn, s, xb, yb = c
                 start = time.perf_counter()
                 for i in range(steps):
-                    s, loss = fn(s, bx, by)
+                    s, loss = fn(s, xb, yb)
                     if r == 0 and i == min(CHECKED_STEP, steps) - 1:
                         checked_loss[key] = loss
                     if i % 16 == 15:  # keep the host near the devices
@@ -186,7 +169,7 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
         for key in list(contenders)[1:]:
             ratios = [a / b for a, b in zip(times[key], times["jit"], strict=True)]
             row[f"{key}_over_jit"] = round(statistics.median(ratios), 3)
-        row["transposed_grads (jit / kernel_layout / shard_map / pmap)"] = " / ".join(
+        row["transposed_grads (jit / folded / shard_map / pmap)"] = " / ".join(
             str(transposed[k]) for k in contenders
         )
         losses = [float(np.mean(v)) for v in checked_loss.values()]

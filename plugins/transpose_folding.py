@@ -11,7 +11,8 @@ Why: JAX's autodiff computes the gradient of ``x @ w`` as ``dot_general(cotangen
 devices that dot is a per-device partial sum, and XLA's SPMD partitioner inserts the gradient
 all-reduce right after it -- between the dot and the transpose, where XLA can no longer fold
 the transpose into the dot. The optimizer update then reads every dense gradient transposed;
-on 8 XLA:CPU devices that costs 6-20 % of a step (``python -m benchmarks.run grad_layout``).
+on 8 XLA:CPU devices that costs a few to 20 % of a step (``python -m benchmarks.run
+grad_layout``).
 Folded before partitioning, the dot writes the gradient in the parameter's layout and the
 all-reduce carries it that way, as ``shard_map`` + ``psum`` does. On one device XLA folds these
 transposes itself, so the rewrite changes nothing there.

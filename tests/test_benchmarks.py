@@ -110,6 +110,17 @@ def test_grad_layout_rows():
     assert [r["model"] for r in rows] == ["mlp", "cnn"]
     for row in rows:
         assert float(row["loss_spread"]) < 1e-5, row
-        counts = row["transposed_grads (jit / kernel_layout / shard_map / pmap)"].split(" / ")
+        counts = row["transposed_grads (jit / folded / shard_map / pmap)"].split(" / ")
         assert counts[1:] == ["0", "0", "0"], row
-        assert all(row[f"{k}_over_jit"] > 0 for k in ("jit_kernel_layout", "shard_map"))
+        assert all(row[f"{k}_over_jit"] > 0 for k in ("jit_folded", "shard_map"))
+
+
+def test_throughput_reports_speed_relative_to_the_load_meter():
+    """The scaling benchmark's driver mode, tiny: 8 devices, the variant's and the meter's
+    speeds, and the variant's relative to the meter's (paired by block)."""
+    project = _template.generate()["linen-jit"]
+    r = _template.run_driver(project, "throughput", "4", "2", devices=8)
+    assert r["devices"] == 8
+    assert r["steps_per_s"] > 0 and r["meter_steps_per_s"] > 0 and r["compile_s"] > 0
+    ratio_of_medians = r["steps_per_s"] / r["meter_steps_per_s"]
+    assert 0.5 < r["relative"] / ratio_of_medians < 2, r  # two blocks each: the same pairs

@@ -75,7 +75,7 @@ class DataParallel:
 
         Its dot-then-transpose pairs (JAX's weight gradients) are folded into single dots first:
         otherwise XLA's partitioner all-reduces each dense gradient before its transpose and
-        the update reads it transposed (6-20 % of a step on 8 CPU devices).
+        the update reads it transposed.
         """
         return jax.jit(
             transpose_folding.fold_transposes(fn),
