@@ -79,8 +79,9 @@ def test_einsum_gradients_match(subscripts, lhs, rhs):
     got = jax.jit(fold_transposes(grad))(a, b)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-    count = _primitives(fold_transposes(grad), a, b).count("transpose")
-    assert count <= _primitives(grad, a, b).count("transpose")
+    assert "transpose" not in _primitives(fold_transposes(grad), a, b)
+    if subscripts in ("bij,bjk->bik", "ijk,kl->ijl"):  # JAX's rule transposes inside einsum's jit
+        assert "transpose" in _primitives(grad, a, b)
 
 
 def test_a_transposed_product_used_elsewhere_is_kept():
