@@ -20,8 +20,8 @@ transposes itself, so the rewrite changes nothing there.
 The rewrite is on the jaxpr of ``fn`` (``jax.make_jaxpr``, evaluated back with
 ``jax.extend.core.jaxpr_as_fun``), so it sees the program after autodiff: the model code is
 untouched and every derivative (forward mode included) works as before. It descends into
-nested ``jax.jit`` calls (``jnp.einsum`` is one); other control flow (``scan``, ``cond``,
-``while``, remat) is left as it is.
+nested ``jax.jit`` calls; other control flow (``scan``, ``cond``, ``while``, remat) is left as
+it is.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from jax import lax
 
 __all__ = ["fold_transposes"]
 
-_NESTED_JIT = ("jit", "pjit")  # the nested-jit primitive's name (renamed "jit" in jax 0.7)
+_NESTED_JIT = ("jit", "pjit")  # the nested-jit primitive's name ("pjit" in older jax)
 
 
 def _free_dims_swapped(dot: jex.JaxprEqn, permutation: tuple[int, ...]) -> bool:

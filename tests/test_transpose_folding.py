@@ -67,7 +67,7 @@ def test_weight_gradients_without_transposes():
     ],
 )
 def test_einsum_gradients_match(subscripts, lhs, rhs):
-    """Nested jit (jnp.einsum is jitted), batch and several free dims: the same gradients."""
+    """Batch dims, several free dims, contractions on either side: the same gradients."""
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=lhs).astype(np.float32), rng.normal(size=rhs).astype(np.float32)
 
@@ -80,8 +80,25 @@ def test_einsum_gradients_match(subscripts, lhs, rhs):
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
     assert "transpose" not in _primitives(fold_transposes(grad), a, b)
-    if subscripts in ("bij,bjk->bik", "ijk,kl->ijl"):  # JAX's rule transposes inside einsum's jit
+    if subscripts in ("bij,bjk->bik", "ijk,kl->ijl"):  # where JAX's rule transposes
         assert "transpose" in _primitives(grad, a, b)
+
+
+def test_nested_jit_is_folded():
+    """A gradient computed inside a nested ``jax.jit`` (a jit eqn in the outer jaxpr)."""
+    rng = np.random.default_rng(4)
+    params, x = _params(rng), rng.normal(size=(4, 6)).astype(np.float32)
+    inner = jax.jit(jax.grad(_mlp_loss))
+
+    def fn(params, x):
+        return jax.tree.map(lambda g: 2.0 * g, inner(params, x))
+
+    assert "jit" in _primitives(fn, params, x) and "transpose" in _primitives(fn, params, x)
+    assert "transpose" not in _primitives(fold_transposes(fn), params, x)
+    for a, b in zip(
+        jax.tree.leaves(fold_transposes(fn)(params, x)), jax.tree.leaves(fn(params, x)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_a_transposed_product_used_elsewhere_is_kept():
