@@ -347,7 +347,10 @@ def throughput(package: str, steps: str, blocks: str = "9") -> dict:
         jax.block_until_ready(acc)
         variant.update(state=state, acc=acc)
 
-    reference = next(data.train_iterator(config.dataset, batch_size=config.batch_size, seed=0))
+    # One batch for the meter, made on demand (no prefetch thread left running beside the timing).
+    reference = next(
+        data.train_iterator(config.dataset, batch_size=config.batch_size, seed=0, prefetch=0)
+    )
     meter = load_meter(
         config, train.init_params(config), np.asarray(reference["image"]),
         np.asarray(reference["label"]),
