@@ -1,9 +1,11 @@
 """The layout XLA all-reduces gradients in, under ``jax.jit`` on 8 simulated CPU devices.
 
-No framework: a Linen MLP (64-256-256-10, on flattened 8x8 digits) and a CNN shaped like the
-template's default (two 3x3 convs of 32 and 64 features with 2x2 average pooling, dense 128,
-head 10, on 8x8x1), AdamW, global batch 128 split over 8 devices, the state replicated and
-donated, the batch already on the devices. Four ways to compile the same step:
+No framework: a Linen MLP (64-256-256-10, on flattened 8x8 digits), the same with its hidden
+layers a scan over layers (``nn.scan`` of 4 residual 256x256 layers: the weight gradients are
+computed and all-reduced inside the scan's body), and a CNN shaped like the template's default
+(two 3x3 convs of 32 and 64 features with 2x2 average pooling, dense 128, head 10, on 8x8x1),
+AdamW, global batch 128 split over 8 devices, the state replicated and donated, the batch
+already on the devices. Four ways to compile the same step:
 
 - ``jit``: ``jax.jit`` with the batch sharded and the state replicated; XLA's SPMD partitioner
   inserts the gradient all-reduce. JAX's autodiff computes the gradient of ``x @ w`` as
@@ -19,7 +21,7 @@ donated, the batch already on the devices. Four ways to compile the same step:
 
 ``transposed_grads``: per contender, the all-reduced gradients whose shape is not their
 parameter's (from the compiled HLO, size-1 axes aside): 0 means every gradient is reduced in
-its parameter's layout (a transposed square matrix, the MLP's 256x256, cannot be told by its
+its parameter's layout (a transposed square matrix, the MLPs' 256x256, cannot be told by its
 shape).
 ``loss_spread``: the largest difference between the contenders' losses at the 5th step from
 the same initial state (4 updates, computed four ways; float32 summation order aside, equal).
@@ -65,6 +67,21 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
                 x = nn.relu(nn.Dense(width)(x))
             return nn.Dense(10)(x)
 
+    class Residual(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return h + nn.relu(nn.Dense(h.shape[-1])(h)), None
+
+    class ScanMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(256)(x.reshape((x.shape[0], -1))))
+            layers = nn.scan(
+                Residual, variable_axes={"params": 0}, split_rngs={"params": True}, length=4
+            )
+            h, _ = layers()(h, None)
+            return nn.Dense(10)(h)
+
     class CNN(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -99,11 +116,12 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
         return jax.lax.pmean(tree, "data")
 
     rows = []
-    for name, cls in (("mlp", MLP), ("cnn", CNN)):
+    for name, cls in (("mlp", MLP), ("scan_mlp", ScanMLP), ("cnn", CNN)):
         params = cls().init(jax.random.key(0), x[:1])["params"]
         state = jax.device_get((params, tx.init(params)))
         squeeze = lambda shape: tuple(d for d in shape if d != 1)  # noqa: E731
         param_shapes = {squeeze(p.shape) for p in jax.tree.leaves(params)}
+        param_shapes |= {squeeze(p.shape[1:]) for p in jax.tree.leaves(params)}  # a scan's layer
         plain = make_step(cls(), lambda t: t)
         per_device = make_step(cls(), pmean)
         stacked = sharding.pmap(lambda t: t, "data")(sharding.replicate(state))

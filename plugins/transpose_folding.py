@@ -19,9 +19,11 @@ transposes itself, so the rewrite changes nothing there.
 
 The rewrite is on the jaxpr of ``fn`` (``jax.make_jaxpr``, evaluated back with
 ``jax.extend.core.jaxpr_as_fun``), so it sees the program after autodiff: the model code is
-untouched and every derivative (forward mode included) works as before. It descends into
-nested ``jax.jit`` calls; other control flow (``scan``, ``cond``, ``while``, remat) is left as
-it is.
+untouched and every derivative (forward mode included) works as before. It descends into every
+nested program: ``jax.jit`` calls, the bodies of ``lax.scan`` (a scan over layers, as
+``nn.scan`` and ``nnx.scan`` build), ``while_loop``/``fori_loop``, the branches of ``cond``,
+remat (``jax.checkpoint``), ``shard_map`` and custom-derivative calls. A pair is folded when
+the dot and its transpose are in the same body. Pallas kernels are left as they are.
 """
 
 from __future__ import annotations
@@ -37,7 +39,24 @@ from jax import lax
 
 __all__ = ["fold_transposes"]
 
-_NESTED_JIT = ("jit", "pjit")  # the nested-jit primitive's name ("pjit" in older jax)
+
+def _is_kernel(primitive_name: str) -> bool:
+    """Kernel languages (Pallas, lowered by Mosaic or Triton) get their bodies left alone: there
+    an operand swap would change the kernel's memory layout, not just XLA's."""
+    return any(name in primitive_name for name in ("pallas", "mosaic", "triton"))
+
+
+def _fold_inner(value: Any) -> Any:
+    """A primitive's parameter with every jaxpr in it folded (the bodies of ``jit``, ``scan``,
+    ``while``, ``cond`` branches, remat, ``shard_map``, custom-derivative calls); anything
+    else is returned as it is (the same object)."""
+    if isinstance(value, jex.ClosedJaxpr):
+        return jex.ClosedJaxpr(_fold(value.jaxpr), value.consts)
+    if isinstance(value, jex.Jaxpr):
+        return _fold(value)
+    if isinstance(value, tuple) and any(isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr)) for v in value):
+        return tuple(_fold_inner(v) for v in value)
+    return value
 
 
 def _free_dims_swapped(dot: jex.JaxprEqn, permutation: tuple[int, ...]) -> bool:
@@ -98,10 +117,10 @@ def _fold(jaxpr: jex.Jaxpr) -> jex.Jaxpr:
         if i in folded:
             continue
         eqn = swapped.get(i, eqn)
-        if eqn.primitive.name in _NESTED_JIT:
-            inner = eqn.params["jaxpr"]
-            inner = jex.ClosedJaxpr(_fold(inner.jaxpr), inner.consts)
-            eqn = eqn.replace(params=dict(eqn.params, jaxpr=inner))
+        if not _is_kernel(eqn.primitive.name):
+            params = {key: _fold_inner(value) for key, value in eqn.params.items()}
+            if any(params[key] is not value for key, value in eqn.params.items()):
+                eqn = eqn.replace(params=params)
         eqns.append(eqn)
     return jaxpr.replace(eqns=eqns)
 

@@ -107,7 +107,7 @@ def test_grad_layout_rows():
     from benchmarks import bench_grad_layout
 
     rows = bench_grad_layout.run(rounds=1, steps=2)
-    assert [r["model"] for r in rows] == ["mlp", "cnn"]
+    assert [r["model"] for r in rows] == ["mlp", "scan_mlp", "cnn"]
     for row in rows:
         assert float(row["loss_spread"]) < 1e-5, row
         counts = row["transposed_grads (jit / folded / shard_map / pmap)"].split(" / ")

@@ -101,6 +101,73 @@ def test_nested_jit_is_folded():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def _through_scan(params, x):  # a scan over stacked layers, as nn.scan / nnx.scan build
+    def layer(h, w):
+        return jax.nn.relu(h @ w), None
+
+    h, _ = jax.lax.scan(layer, x @ params["w1"], params["stack"])
+    return jnp.mean(jnp.square(h @ params["w2"]))
+
+
+def _through_while_loop(params, x):  # gradient steps inside a while loop's body
+    def body(carry):
+        i, p = carry
+        return i + 1, jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(_mlp_loss)(p, x))
+
+    return jax.lax.while_loop(lambda carry: carry[0] < 3, body, (0, params))[1]
+
+
+def _through_cond(params, x):  # the gradient computed inside both branches of a cond
+    def grad_of(scale):
+        return lambda p, x: jax.tree.map(lambda g: scale * g, jax.grad(_mlp_loss)(p, x))
+
+    return jax.lax.cond(x[0, 0] > 0, grad_of(1.0), grad_of(-1.0), params, x)
+
+
+def _through_remat(params, x):  # jax.checkpoint: the backward pass recomputes inside remat
+    return jax.checkpoint(_mlp_loss)(params, x)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jax.grad(_through_scan),
+        _through_while_loop,
+        _through_cond,
+        jax.grad(_through_remat),
+    ],
+    ids=["scan", "while_loop", "cond", "remat"],
+)
+def test_control_flow_bodies_are_folded(fn):
+    """Gradients whose dot-then-transpose pairs sit inside ``scan``, ``while``, ``cond`` or
+    remat bodies: folded there too, with the same results."""
+    rng = np.random.default_rng(5)
+    params = dict(_params(rng), stack=rng.normal(size=(2, 5, 5)).astype(np.float32) / 2)
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    assert "transpose" in _primitives(fn, params, x)
+    assert "transpose" not in _primitives(fold_transposes(fn), params, x)
+    for a, b in zip(
+        jax.tree.leaves(fold_transposes(fn)(params, x)), jax.tree.leaves(fn(params, x)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pallas_kernels_are_left_alone():
+    """A kernel body is the kernel's own memory layout: its dot-then-transpose stays."""
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, y_ref, out_ref):
+        out_ref[...] = (x_ref[...] @ y_ref[...]).T
+
+    def fn(x, y):
+        out_shape = jax.ShapeDtypeStruct((3, 4), jnp.float32)
+        return pl.pallas_call(kernel, out_shape=out_shape, interpret=True)(x, y)
+
+    x, y = np.ones((4, 5), np.float32), np.arange(15, dtype=np.float32).reshape(5, 3)
+    assert "transpose" in _primitives(fold_transposes(fn), x, y)
+    np.testing.assert_allclose(fold_transposes(fn)(x, y), (x @ y).T)
+
+
 def test_a_transposed_product_used_elsewhere_is_kept():
     """The untransposed product is needed as well: nothing is folded, the results agree."""
 
@@ -144,10 +211,31 @@ class _MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
-def test_data_parallel_step_all_reduces_gradients_in_parameter_layout():
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, carry, _):
+        x, h = carry
+        return (x, h + jnp.tanh(nn.Dense(32)(x))), None
+
+
+class _ScanOverLayers(nn.Module):
+    """Three stacked layers run by ``nn.scan`` (a ``lax.scan`` whose body holds the dots)."""
+
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(
+            _Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )()
+        (_, h), _ = layers((x, jnp.zeros((x.shape[0], 32), x.dtype)), None)
+        return nn.Dense(10)(h)
+
+
+@pytest.mark.parametrize("model", [_MLP(), _ScanOverLayers()], ids=["mlp", "scan"])
+def test_data_parallel_step_all_reduces_gradients_in_parameter_layout(model):
     """8 devices, jit with a sharded batch and replicated, donated state: the folded step makes
-    the same update, and every gradient XLA all-reduces has its parameter's shape."""
-    model, tx = _MLP(), optax.adamw(1e-2)
+    the same update, and every gradient XLA all-reduces has its parameter's shape (one layer's
+    of a stacked parameter: the scan reduces them inside its body), never the transpose."""
+    tx = optax.adamw(1e-2)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(64, 12)).astype(np.float32)
     y = rng.integers(0, 10, 64).astype(np.int32)
@@ -182,9 +270,14 @@ def test_data_parallel_step_all_reduces_gradients_in_parameter_layout():
         for _ in range(3):
             state, loss = compiled(state, x, y)
         results[name]["state"], results[name]["loss"] = state, float(loss)
-    kernels = {tuple(p.shape) for p in jax.tree.leaves(params) if p.ndim == 2}
+    kernels = {  # one layer's, for the stacked kernels of the scan
+        tuple(p.shape[-2:])
+        for path, p in jax.tree_util.tree_leaves_with_path(params)
+        if "kernel" in jax.tree_util.keystr(path)
+    }
     assert kernels <= results["folded"]["shapes"], results["folded"]["shapes"]
     assert not {s[::-1] for s in kernels} & results["folded"]["shapes"]
+    assert {s[::-1] for s in kernels} & results["plain"]["shapes"]  # what the fold removes
     np.testing.assert_allclose(results["folded"]["loss"], results["plain"]["loss"], rtol=1e-5)
     for a, b in zip(
         jax.tree.leaves(results["folded"]["state"]),
