@@ -15,7 +15,10 @@ on 8 XLA:CPU devices that costs a few to 20 % of a step (``python -m benchmarks.
 grad_layout``).
 Folded before partitioning, the dot writes the gradient in the parameter's layout and the
 all-reduce carries it that way, as ``shard_map`` + ``psum`` does. On one device XLA folds these
-transposes itself, so the rewrite changes nothing there.
+transposes itself, so under plain ``jax.jit`` the rewrite changes nothing there.
+``plugins.sharding.pmap`` gains from it too: there the per-device step is vmapped over its
+size-1 device axis, XLA keeps the batched dots' transposes and copies each dense gradient
+transposed before the ``pmean``; folded, the dot writes it in the parameter's layout.
 
 The rewrite is on the jaxpr of ``fn`` (``jax.make_jaxpr``, evaluated back with
 ``jax.extend.core.jaxpr_as_fun``), so it sees the program after autodiff: the model code is
