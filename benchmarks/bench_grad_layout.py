@@ -127,7 +127,11 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
         state = jax.device_get((params, tx.init(params)))
         squeeze = lambda shape: tuple(d for d in shape if d != 1)  # noqa: E731
         param_shapes = {squeeze(p.shape) for p in jax.tree.leaves(params)}
-        param_shapes |= {squeeze(p.shape[1:]) for p in jax.tree.leaves(params)}  # a scan's layer
+        param_shapes |= {  # jit all-reduces a scanned parameter a layer at a time
+            squeeze(p.shape[1:])
+            for path, p in jax.tree_util.tree_leaves_with_path(params)
+            if "Scan" in jax.tree_util.keystr(path)
+        }
         plain = make_step(cls(), lambda t: t)
         per_device = make_step(cls(), pmean)
 

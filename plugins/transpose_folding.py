@@ -2,7 +2,8 @@
 
 ``fold_transposes(fn)`` is ``fn`` with every ``transpose(dot_general(a, b))`` that only swaps
 the two operands' free dimensions computed as ``dot_general(b, a)`` -- the same numbers, no
-transpose. Use it on a data-parallel train step compiled with ``jax.jit``::
+transpose. Use it on a data-parallel train step compiled with ``jax.jit`` (or
+``plugins.sharding.pmap``)::
 
     step = jax.jit(transpose_folding.fold_transposes(train_step), in_shardings=..., ...)
 
