@@ -38,11 +38,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from plugins import masks
+from plugins import masks, unit_axis
 
 PyTree = Any
 T = TypeVar("T")
@@ -294,11 +295,12 @@ def pmap(
     ``axis_index``, ...) span the devices.
 
     It is built the way JAX builds ``jax.pmap`` -- ``jax.jit`` of a ``jax.shard_map`` over a
-    1-D mesh of the devices named ``axis_name`` -- with one difference: ``jax.pmap`` squeezes
-    the size-1 leading axis off each device's block and expands it back on the outputs, and
-    XLA:CPU then cannot update a donated buffer in place through that reshape, so it copies
-    every donated leaf every step (see ``benchmarks/bench_pmap_floor.py``). Here ``fn`` is
-    instead ``jax.vmap``-ed over that axis of size 1: the same per-device program with no copies.
+    1-D mesh of the devices named ``axis_name`` -- with one difference in how ``fn`` meets each
+    device's ``(1, ...)`` block. ``jax.pmap`` squeezes the size-1 axis off and expands it back on
+    the outputs, and XLA:CPU then cannot update a donated buffer in place through that reshape:
+    it copies every donated leaf every step (see ``benchmarks/bench_pmap_floor.py``). Here
+    ``fn`` goes through ``plugins.unit_axis.lift``: its program runs on squeezed values, except
+    the elementwise updates that produce its outputs, which run on the blocks themselves.
 
     Across processes (``jax.process_count() > 1``) it returns ``jax.pmap`` itself, which turns
     each process's host-local arrays into global ones and back.
@@ -310,18 +312,33 @@ def pmap(
       devices: default ``jax.local_devices()``.
 
     Returns:
-      A jitted function (``.lower`` works) of arrays with the leading device axis.
+      A jitted function (``.lower`` works) of arrays with the leading device axis. An argument
+      whose leading axis is not ``len(devices)`` raises ``ValueError`` when it is traced.
     """
     if jax.process_count() > 1:
         return jax.pmap(fn, axis_name, donate_argnums=donate_argnums, devices=devices)
-    mesh = Mesh(np.asarray(_local_devices(devices)), (axis_name,))
+    devices = _local_devices(devices)
+    mesh = Mesh(np.asarray(devices), (axis_name,))
     spec = PartitionSpec(axis_name)
-    per_device = jax.shard_map(
-        jax.vmap(fn), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False
-    )
+    lifted = unit_axis.lift(fn, axis_env=[(axis_name, len(devices))])
+
+    @functools.wraps(fn)
+    def per_device(*blocks: Any) -> Any:
+        for leaf in jax.tree.leaves(blocks):
+            if jnp.shape(leaf)[:1] != (1,):
+                raise ValueError(
+                    f"sharding.pmap: every argument needs a leading axis of {len(devices)} (one "
+                    f"slice per device); got one of shape "
+                    f"{(len(devices) * jnp.shape(leaf)[0], *jnp.shape(leaf)[1:])}"
+                )
+        return lifted(*blocks)
+
     placed = NamedSharding(mesh, spec)
     return jax.jit(
-        per_device, donate_argnums=donate_argnums, in_shardings=placed, out_shardings=placed
+        jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False),
+        donate_argnums=donate_argnums,
+        in_shardings=placed,
+        out_shardings=placed,
     )
 
 
