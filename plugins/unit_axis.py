@@ -80,6 +80,15 @@ def _broadcasts(v: Any, out_shape: tuple[int, ...]) -> bool:
     return v.aval.shape == () and out_shape != ()
 
 
+def _fits(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """Whether an operand of ``shape`` meets an elementwise result of ``out_shape`` dimension by
+    dimension (equal, or 1 and broadcast: lax allows both), so that it still does with the unit
+    axis in front of both."""
+    return len(shape) == len(out_shape) and all(
+        d in (1, o) for d, o in zip(shape, out_shape, strict=True)
+    )
+
+
 def _tail(jaxpr: jex.Jaxpr) -> set[int]:
     """Indices of the elementwise equations whose results reach the outputs through elementwise
     equations only."""
@@ -90,8 +99,8 @@ def _tail(jaxpr: jex.Jaxpr) -> set[int]:
         if eqn.primitive.name not in ELEMENTWISE or not any(v in wanted for v in eqn.outvars):
             continue
         shape = eqn.outvars[0].aval.shape
-        if any(v.aval.shape != shape for v in eqn.outvars) or any(
-            v.aval.shape != shape and not _broadcasts(v, shape) for v in eqn.invars
+        if any(v.aval.shape != shape for v in eqn.outvars) or not all(
+            _broadcasts(v, shape) or _fits(v.aval.shape, shape) for v in eqn.invars
         ):
             continue  # not the plain elementwise form: evaluate it squeezed
         tail.add(i)

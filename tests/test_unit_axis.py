@@ -146,6 +146,19 @@ def test_lifted_train_step_is_the_unbatched_program_with_donation_in_place():
     )
 
 
+def test_update_broadcasting_a_size_1_dim_writes_in_place():
+    """``w - g`` with ``g`` of shape (1, n) (how ``jnp`` broadcasts a row against a matrix) is
+    part of the output tail too: the donated ``w`` is updated in place, no copy."""
+
+    def step(w, x):
+        return w - 1e-3 * jnp.tanh(x @ w).mean(axis=0)
+
+    w, x = np.ones((64, 32), np.float32), np.ones((8, 64), np.float32)
+    lifted = jax.jit(unit_axis.lift(step), donate_argnums=(0,))
+    _assert_same(lifted(*_blocks((w, x))), jax.jit(step)(w, x))
+    assert _kernels(lifted.lower(*_blocks((w, x))).compile().as_text())["copies"] == 0
+
+
 def test_sharding_pmap_collectives_match_jax_pmap():
     """Through sharding.pmap (a shard_map over 8 devices of the lifted function): psum, pmean
     (its 1/axis-size is read at trace time), pmax, all_gather, ppermute, psum_scatter,
