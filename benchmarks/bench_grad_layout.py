@@ -5,7 +5,7 @@ layers a scan over layers (``nn.scan`` of 4 residual 256x256 layers: the weight 
 computed and all-reduced inside the scan's body), and a CNN shaped like the template's default
 (two 3x3 convs of 32 and 64 features with 2x2 average pooling, dense 128, head 10, on 8x8x1),
 AdamW, global batch 128 split over 8 devices, the state replicated and donated, the batch
-already on the devices. Five ways to compile the same step:
+already on the devices. Four ways to compile the same step:
 
 - ``jit``: ``jax.jit`` with the batch sharded and the state replicated; XLA's SPMD partitioner
   inserts the gradient all-reduce. JAX's autodiff computes the gradient of ``x @ w`` as
@@ -17,11 +17,9 @@ already on the devices. Five ways to compile the same step:
   gradient is reduced in its parameter's layout (how the template's jit variant compiles now).
 - ``shard_map``: ``jax.jit`` of a ``jax.shard_map`` whose step ``pmean``s the gradients itself
   (the all-reduce comes after autodiff's transpose, which XLA folds into the dot).
-- ``plugins_pmap``: ``plugins.sharding.pmap`` of that step.
-- ``pmap_folded``: ``plugins.sharding.pmap`` of ``fold_transposes(step)``, what the pmap
-  variants compile with: there the transpose comes before the all-reduce, so nothing is reduced
-  transposed, but XLA copies each dense gradient transposed ahead of it; folded, the dot writes
-  it in place.
+- ``plugins_pmap``: ``plugins.sharding.pmap`` of that step (how the pmap variants compile):
+  each device runs the unbatched step (``plugins.unit_axis``), whose ``pmean`` comes after
+  autodiff's transpose, as under ``shard_map``.
 
 ``transposed_grads``: per contender, the all-reduced gradients whose shape is not their
 parameter's (from the compiled HLO, size-1 axes aside): 0 means every gradient is reduced in
@@ -30,7 +28,7 @@ shape).
 ``hlo_transposes``: the transpose instructions left in each contender's compiled program
 (same order; the convolutions' backward passes need some whatever the construction).
 ``loss_spread``: the largest difference between the contenders' losses at the 5th step from
-the same initial state (4 updates, computed five ways; float32 summation order aside, equal).
+the same initial state (4 updates, computed four ways; float32 summation order aside, equal).
 ``*_over_jit``: steps/s over ``jit``'s, the median over rounds of paired 100-step blocks (the
 contenders take turns; rounds scatter about +-10 % on a 2-core machine).
 
@@ -168,12 +166,6 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
             "plugins_pmap": [
                 sharding.pmap(per_device, "data", donate_argnums=(0,)), stacked(), xs, ys,
             ],
-            "pmap_folded": [
-                sharding.pmap(
-                    transpose_folding.fold_transposes(per_device), "data", donate_argnums=(0,)
-                ),
-                stacked(), xs, ys,
-            ],
         }  # fmt: skip
         transposed, transposes = {}, {}
         for key, c in contenders.items():
@@ -207,7 +199,7 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
         for key in list(contenders)[1:]:
             ratios = [a / b for a, b in zip(times[key], times["jit"], strict=True)]
             row[f"{key}_over_jit"] = round(statistics.median(ratios), 3)
-        row["transposed_grads (jit / folded / shard_map / pmap / pmap_folded)"] = " / ".join(
+        row["transposed_grads (jit / folded / shard_map / pmap)"] = " / ".join(
             str(transposed[k]) for k in contenders
         )
         row["hlo_transposes"] = " / ".join(str(transposes[k]) for k in contenders)

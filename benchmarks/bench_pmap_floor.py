@@ -12,9 +12,10 @@ plain ``jax.jit`` of the same function on arrays with that leading axis of size 
 in, ``[None]`` out, donated): XLA's CPU backend then copies the donated output instead of
 updating it in place, and ``leading_axis_over_jit`` shows that this alone costs about what pmap
 costs. The fourth is ``plugins.sharding.pmap`` (what the pmap variants compile their steps with):
-``jax.pmap``'s own construction, with the per-device function ``jax.vmap``-ed over the size-1
-block instead of squeezed, which leaves the donated buffer updated in place:
-``plugins_pmap_over_jit`` near 1.
+``jax.pmap``'s own construction, with the per-device function run on the size-1 block by
+``plugins.unit_axis.lift`` instead of squeezed (the update that writes each output runs on the
+block itself), which leaves the donated buffer updated in place: ``plugins_pmap_over_jit``
+near 1.
 
     python -m benchmarks.run pmap_floor
 """

@@ -2,8 +2,7 @@
 
 ``fold_transposes(fn)`` is ``fn`` with every ``transpose(dot_general(a, b))`` that only swaps
 the two operands' free dimensions computed as ``dot_general(b, a)`` -- the same numbers, no
-transpose. Use it on a data-parallel train step compiled with ``jax.jit`` (or
-``plugins.sharding.pmap``)::
+transpose. Use it on a data-parallel train step compiled with ``jax.jit``::
 
     step = jax.jit(transpose_folding.fold_transposes(train_step), in_shardings=..., ...)
 
@@ -17,9 +16,9 @@ grad_layout``).
 Folded before partitioning, the dot writes the gradient in the parameter's layout and the
 all-reduce carries it that way, as ``shard_map`` + ``psum`` does. On one device XLA folds these
 transposes itself, so under plain ``jax.jit`` the rewrite changes nothing there.
-``plugins.sharding.pmap`` gains from it too: there the per-device step is vmapped over its
-size-1 device axis, XLA keeps the batched dots' transposes and copies each dense gradient
-transposed before the ``pmean``; folded, the dot writes it in the parameter's layout.
+Under ``plugins.sharding.pmap`` (or ``shard_map``) each device runs the unbatched step
+(``plugins.unit_axis``), whose ``pmean`` comes after autodiff's transpose: XLA folds the
+transposes on its own there too, and the rewrite changes nothing.
 
 The rewrite is on the jaxpr of ``fn`` (``jax.make_jaxpr``, evaluated back with
 ``jax.extend.core.jaxpr_as_fun``), so it sees the program after autodiff: the model code is

@@ -101,7 +101,7 @@ def test_markdown_table():
 
 
 def test_grad_layout_rows():
-    """Tiny settings on 8 simulated devices: the five constructions make the same updates (the
+    """Tiny settings on 8 simulated devices: the four constructions make the same updates (the
     loss after one of them agrees), and only plain ``jax.jit`` all-reduces gradients in a
     transposed layout."""
     from benchmarks import bench_grad_layout
@@ -110,12 +110,13 @@ def test_grad_layout_rows():
     assert [r["model"] for r in rows] == ["mlp", "scan_mlp", "cnn"]
     for row in rows:
         assert float(row["loss_spread"]) < 1e-5, row
-        counts = row["transposed_grads (jit / folded / shard_map / pmap / pmap_folded)"]
-        assert counts.split(" / ")[1:] == ["0", "0", "0", "0"], row
-        assert all(
-            row[f"{k}_over_jit"] > 0
-            for k in ("jit_folded", "shard_map", "plugins_pmap", "pmap_folded")
-        )
+        counts = row["transposed_grads (jit / folded / shard_map / pmap)"]
+        assert counts.split(" / ")[1:] == ["0", "0", "0"], row
+        if row["model"] != "cnn":  # (convolutions' backward passes keep some transposes)
+            # sharding.pmap runs the unbatched step on each device: XLA folds autodiff's
+            # transposes itself, as under shard_map (the pmap variants need no fold).
+            assert row["hlo_transposes"].split(" / ")[2:] == ["0", "0"], row
+        assert all(row[f"{k}_over_jit"] > 0 for k in ("jit_folded", "shard_map", "plugins_pmap"))
 
 
 def test_throughput_reports_speed_relative_to_the_load_meter():

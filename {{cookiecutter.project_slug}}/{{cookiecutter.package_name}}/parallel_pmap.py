@@ -5,9 +5,7 @@ batch is reshaped to ``(devices, batch / devices, ...)``, and gradients are aver
 devices with ``lax.pmean`` over the axis ``AXIS_NAME``. Steps are compiled by
 ``plugins.sharding.pmap``: ``jax.pmap``'s contract, built as JAX builds it (jit of a shard_map),
 except that donated buffers update in place (``jax.pmap`` copies each of them every step on
-XLA:CPU); across processes it is ``jax.pmap`` itself. The train step goes through
-``plugins.transpose_folding.fold_transposes`` first: each weight gradient is then computed in its
-parameter's layout, instead of transposed and copied before the ``pmean``.
+XLA:CPU); across processes it is ``jax.pmap`` itself.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-from plugins import sharding, transpose_folding
+from plugins import sharding
 
 # The pmap axis: gradients are pmean'd and batch norm statistics averaged over it.
 AXIS_NAME: str | None = "batch"
@@ -63,13 +61,8 @@ class DataParallel:
     eval_batches = train_batches
 
     def compile_train_step(self, fn: Callable) -> Callable:
-        """``fn(state, metrics, batch) -> (state, metrics)`` pmapped; the state is donated.
-
-        Its dot-then-transpose pairs are folded first (``fold_transposes``): JAX's autodiff
-        computes a dense layer's weight gradient in (out, in) order and transposes it, and XLA
-        then copies it transposed ahead of the gradient all-reduce.
-        """
-        return sharding.pmap(transpose_folding.fold_transposes(fn), AXIS_NAME, donate_argnums=(0,))
+        """``fn(state, metrics, batch) -> (state, metrics)`` pmapped; the state is donated."""
+        return sharding.pmap(fn, AXIS_NAME, donate_argnums=(0,))
 
     def compile_eval_step(self, fn: Callable) -> Callable:
         """``fn(state, metrics, batch) -> metrics`` pmapped."""
