@@ -23,6 +23,11 @@ its final shape and a donated buffer is updated in place. Calls to ``jax.jit`` f
 inlined first (``jnp.where`` is one), so a tail inside them counts too. Every other equation
 (collectives, loops, conditionals, custom derivatives, kernels) is bound as it is, on squeezed
 operands. No operation changes; only shapes gain or lose a size-1 axis.
+
+One exception, for one device: a collective over axes of size 1 (``axis_env``) is evaluated
+the way ``jax.vmap`` evaluates it over a size-1 axis, which leaves no collective in the
+program. XLA:CPU runs each all-reduce as a synchronisation even with one participant; a
+ResNet step with batch norm (11 of them) ran about 5 % slower with them.
 """
 
 from __future__ import annotations
@@ -108,8 +113,28 @@ def _tail(jaxpr: jex.Jaxpr) -> set[int]:
     return tail
 
 
-def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], blocks: Sequence[Any]) -> list[Any]:
-    """Evaluates a flat ``jaxpr`` (traced on squeezed shapes) on ``(1, ...)`` blocks."""
+def _axis_names(eqn: jex.JaxprEqn) -> set[Any]:
+    """The named axes a collective equation (``psum``, ``all_gather``, ``axis_index``...) spans;
+    empty for any other equation."""
+    names = eqn.params.get("axes", eqn.params.get("axis_name", ()))
+    return set(names) if isinstance(names, tuple | list) else {names}
+
+
+def _bind_alone(eqn: jex.JaxprEqn, args: Sequence[Any], axes: set[Any]) -> list[Any]:
+    """A collective over axes of size 1 evaluated as ``jax.vmap`` evaluates it over such an axis:
+    what one participant gets, with no collective left for XLA to run."""
+    fn = lambda *xs: _bind(eqn, xs)  # noqa: E731
+    for name in axes:
+        fn = jax.vmap(fn, axis_name=name, axis_size=1)
+    expanded = [jnp.reshape(x, (1,) * len(axes) + jnp.shape(x)) for x in args]
+    return [jnp.reshape(out, jnp.shape(out)[len(axes) :]) for out in fn(*expanded)]
+
+
+def _evaluate(
+    jaxpr: jex.Jaxpr, consts: Sequence[Any], blocks: Sequence[Any], alone: frozenset = frozenset()
+) -> list[Any]:
+    """Evaluates a flat ``jaxpr`` (traced on squeezed shapes) on ``(1, ...)`` blocks; collectives
+    over only the axes in ``alone`` (of size 1) are evaluated without a collective."""
     tail = _tail(jaxpr)
     env: dict[jex.Var, tuple[Any, bool]] = {}  # var -> (value, has the leading axis)
 
@@ -127,9 +152,9 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], blocks: Sequence[Any]) ->
         blocked = i in tail
         shape = eqn.outvars[0].aval.shape if blocked else ()
         args = [read(v, blocked and not _broadcasts(v, shape)) for v in eqn.invars]
-        env.update(
-            (v, (out, blocked)) for v, out in zip(eqn.outvars, _bind(eqn, args), strict=True)
-        )
+        axes = _axis_names(eqn)
+        out = _bind_alone(eqn, args, axes) if axes and axes <= alone else _bind(eqn, args)
+        env.update((v, (o, blocked)) for v, o in zip(eqn.outvars, out, strict=True))
     return [read(v, True) for v in jaxpr.outvars]
 
 
@@ -144,11 +169,14 @@ def lift(fn: Callable[..., Any], *, axis_env: Sequence[tuple[str, int]] = ()) ->
       fn: a function of positional array pytrees.
       axis_env: ``(name, size)`` of each named axis ``fn``'s collectives use (``psum`` over
         ``'batch'``...): under a ``shard_map``, its mesh axes. ``jax.lax.pmean`` and
-        ``axis_size`` read the size when ``fn`` is traced.
+        ``axis_size`` read the size when ``fn`` is traced; collectives over axes of size 1
+        only are computed without one.
 
     Raises:
       ValueError: an argument without a leading axis of size 1.
     """
+
+    alone = frozenset(name for name, size in axis_env if size == 1)
 
     @functools.wraps(fn)
     def lifted(*args: Any) -> Any:
@@ -170,7 +198,7 @@ def lift(fn: Callable[..., Any], *, axis_env: Sequence[tuple[str, int]] = ()) ->
         flat = jax.make_jaxpr(
             lambda *xs: _inline(closed.jaxpr, closed.consts, xs), axis_env=list(axis_env)
         )(*squeezed)
-        out = _evaluate(flat.jaxpr, flat.consts, leaves)
+        out = _evaluate(flat.jaxpr, flat.consts, leaves, alone)
         return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
     return lifted

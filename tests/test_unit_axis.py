@@ -159,11 +159,17 @@ def test_update_broadcasting_a_size_1_dim_writes_in_place():
     assert _kernels(lifted.lower(*_blocks((w, x))).compile().as_text())["copies"] == 0
 
 
-def test_sharding_pmap_collectives_match_jax_pmap():
-    """Through sharding.pmap (a shard_map over 8 devices of the lifted function): psum, pmean
-    (its 1/axis-size is read at trace time), pmax, all_gather, ppermute, psum_scatter,
-    axis_index and batch-norm statistics synced over the axis give what jax.pmap gives."""
-    n = jax.local_device_count()
+_COLLECTIVES = r"(all-reduce|all-gather|collective-permute|reduce-scatter|all-to-all)\("
+
+
+@pytest.mark.parametrize("n", [8, 1])
+def test_sharding_pmap_collectives_match_jax_pmap(n):
+    """Through sharding.pmap (a shard_map of the lifted function) over 8 devices and over one:
+    psum, pmean (its 1/axis-size is read at trace time), pmax, all_gather, ppermute,
+    psum_scatter, axis_index and batch-norm statistics synced over the axis give what jax.pmap
+    gives. Over one device no collective is left in the program (XLA:CPU would run each as a
+    synchronisation of one participant)."""
+    devices = jax.local_devices()[:n]
     perm = [(i, (i + 1) % n) for i in range(n)]
 
     def fn(x):
@@ -176,23 +182,26 @@ def test_sharding_pmap_collectives_match_jax_pmap():
             jax.lax.ppermute(x, "d", perm),
             jax.lax.psum_scatter(jnp.tile(x, n), "d", tiled=True),
             jnp.where(x > 0.5, x, i.astype(x.dtype)),
+            i,
         )
 
     x = np.random.default_rng(0).uniform(size=(n, 3)).astype(np.float32)
-    want = jax.pmap(fn, "d")(x)
-    got = sharding.pmap(fn, "d")(x)
-    for g, w in zip(got, want, strict=True):
+    want = jax.pmap(fn, "d", devices=devices)(x)
+    ours = sharding.pmap(fn, "d", devices=devices)
+    for g, w in zip(ours(x), want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
         np.testing.assert_allclose(g, w, rtol=1e-6)
+    left = re.findall(_COLLECTIVES, ours.lower(x).compile().as_text())
+    assert (left == []) == (n == 1), left
 
     bn = nn.BatchNorm(use_running_average=False, axis_name="d")
     images = np.random.default_rng(1).normal(size=(n, 4, 5)).astype(np.float32)
     variables = bn.init(jax.random.key(0), images[0])
     apply = lambda v, im: bn.apply(v, im, mutable=["batch_stats"])  # noqa: E731
-    replicated = sharding.replicate(variables)
+    replicated = sharding.replicate(variables, devices=devices)
     for g, w in zip(
-        jax.tree.leaves(sharding.pmap(apply, "d")(replicated, images)),
-        jax.tree.leaves(jax.pmap(apply, "d")(replicated, images)),
+        jax.tree.leaves(sharding.pmap(apply, "d", devices=devices)(replicated, images)),
+        jax.tree.leaves(jax.pmap(apply, "d", devices=devices)(replicated, images)),
         strict=True,
     ):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
