@@ -11,8 +11,8 @@ The two obvious bridges each cost something on XLA:CPU:
   (``python -m benchmarks.run pmap_floor``).
 - ``jax.vmap(fn)`` over the size-1 axis. Every operation becomes a batched one, and JAX's
   batching rules for convolutions and matrix products add layout changes that XLA does not
-  undo. A ResNet with batch norm, on one CPU device, ran 5-11 % slower than the same step
-  unbatched.
+  undo. A ResNet step with batch norm, on one CPU device, ran 8-12 % slower than the same
+  step unbatched in five A/B runs of six (3 % in the sixth).
 
 ``lift`` evaluates ``fn``'s jaxpr one equation at a time instead. Each equation runs on squeezed
 operands (a reshape that drops a size-1 axis is free, a bitcast), exactly as in ``fn``. The
@@ -24,10 +24,11 @@ inlined first (``jnp.where`` is one), so a tail inside them counts too. Every ot
 (collectives, loops, conditionals, custom derivatives, kernels) is bound as it is, on squeezed
 operands. No operation changes; only shapes gain or lose a size-1 axis.
 
-One exception, for one device: a collective over axes of size 1 (``axis_env``) is evaluated
-the way ``jax.vmap`` evaluates it over a size-1 axis, which leaves no collective in the
-program. XLA:CPU runs each all-reduce as a synchronisation even with one participant; a
-ResNet step with batch norm (11 of them) ran about 5 % slower with them.
+One exception, for one device: a collective (``COLLECTIVES``) over axes of size 1 only
+(``axis_env``) is evaluated the way ``jax.vmap`` evaluates it over a size-1 axis, which
+leaves no collective in the program. XLA:CPU runs each all-reduce as a synchronisation even
+with one participant; a ResNet step with batch norm (11 of them) ran about 5 % slower with
+them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ ELEMENTWISE = frozenset(
     not or population_count pow real reduce_precision rem round rsqrt select_n shift_left
     shift_right_arithmetic shift_right_logical sign sin sinh sqrt square sub tan tanh
     xor""".split()
+)
+# Collectives over named axes, which ``jax.vmap`` can evaluate over an axis of size 1.
+COLLECTIVES = frozenset(
+    "all_gather all_to_all axis_index pbroadcast pmax pmin ppermute psum reduce_scatter".split()
 )
 _CALL_JAXPR = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
 
@@ -114,8 +119,9 @@ def _tail(jaxpr: jex.Jaxpr) -> set[int]:
 
 
 def _axis_names(eqn: jex.JaxprEqn) -> set[Any]:
-    """The named axes a collective equation (``psum``, ``all_gather``, ``axis_index``...) spans;
-    empty for any other equation."""
+    """The named axes a collective equation spans; empty for any other equation."""
+    if eqn.primitive.name not in COLLECTIVES:
+        return set()
     names = eqn.params.get("axes", eqn.params.get("axis_name", ()))
     return set(names) if isinstance(names, tuple | list) else {names}
 
