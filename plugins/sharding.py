@@ -300,7 +300,8 @@ def pmap(
     the outputs, and XLA:CPU then cannot update a donated buffer in place through that reshape:
     it copies every donated leaf every step (see ``benchmarks/bench_pmap_floor.py``). Here
     ``fn`` goes through ``plugins.unit_axis.lift``: its program runs on squeezed values, except
-    the elementwise updates that produce its outputs, which run on the blocks themselves.
+    the elementwise updates that produce its outputs, which run on the blocks themselves. On one
+    device its collectives compile to none (XLA:CPU would synchronise a single participant).
 
     Across processes (``jax.process_count() > 1``) it returns ``jax.pmap`` itself, which turns
     each process's host-local arrays into global ones and back.
