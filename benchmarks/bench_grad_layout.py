@@ -132,10 +132,7 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
         }
         plain = make_step(cls(), lambda t: t)
         per_device = make_step(cls(), pmean)
-
-        def stacked(state=state):  # a copy per pmap contender (each donates its own)
-            return sharding.pmap(lambda t: t, "data")(sharding.replicate(state))
-
+        stacked = sharding.pmap(lambda t: t, "data")(sharding.replicate(state))
         # Every contender gets its batch already placed (split over the devices), so that the
         # steps alone are timed.
         bx, by = jax.device_put(x, split), jax.device_put(y, split)
@@ -164,7 +161,7 @@ def _child(rounds: int, steps: int) -> list[dict]:  # runs with 8 simulated devi
                 jax.device_put(state, replicated), bx, by,
             ],
             "plugins_pmap": [
-                sharding.pmap(per_device, "data", donate_argnums=(0,)), stacked(), xs, ys,
+                sharding.pmap(per_device, "data", donate_argnums=(0,)), stacked, xs, ys,
             ],
         }  # fmt: skip
         transposed, transposes = {}, {}
