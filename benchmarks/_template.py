@@ -9,9 +9,11 @@ JSON the driver prints last.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,7 @@ def generate() -> dict[str, Path]:
 
     With ``BENCH_PROJECTS=DIR`` set, the variants rendered earlier into ``DIR/<variant>`` (by
     ``python -m benchmarks.offline_bundle``) are used instead: for machines without cookiecutter.
+    Rendered projects live in a temporary folder that is deleted when this process exits.
     """
     rendered = os.environ.get("BENCH_PROJECTS")
     if rendered:
@@ -44,6 +47,7 @@ def generate() -> dict[str, Path]:
     from cookiecutter.main import cookiecutter
 
     out = Path(tempfile.mkdtemp(prefix="bench_template_"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     projects = {}
     for model_api, parallelism in VARIANTS:
         projects[name(model_api, parallelism)] = Path(

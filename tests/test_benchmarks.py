@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +131,19 @@ def test_throughput_reports_speed_relative_to_the_load_meter():
     assert r["steps_per_s"] > 0 and r["meter_steps_per_s"] > 0 and r["compile_s"] > 0
     ratio_of_medians = r["steps_per_s"] / r["meter_steps_per_s"]
     assert 0.5 < r["relative"] / ratio_of_medians < 2, r  # two blocks each: the same pairs
+
+
+def test_rendered_projects_are_deleted_when_the_process_exits():
+    """``generate()`` renders into a temporary folder, which is gone after the process that
+    rendered it exits (repeated benchmark runs leave nothing behind)."""
+    code = "from benchmarks import _template; print(_template.generate()['nnx-jit'])"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=_template.ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    project = Path(out.stdout.strip().splitlines()[-1])
+    assert project.name == "bench-project" and project.is_absolute()
+    assert not project.parents[1].exists()  # bench_template_*/nnx-jit/bench-project
