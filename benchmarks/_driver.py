@@ -466,7 +466,11 @@ def resnet(
     batch = next(dp.train_batches([host]))
     empty = dp.put_state(trainer.TrainMetrics.empty())
     variant = {"state": dp.put_state(task.state)}
-    variant_flops = _flops(step.lower(variant["state"], empty, batch).compile())
+    compiled = step.lower(variant["state"], empty, batch).compile()
+    variant_flops = _flops(compiled)
+    # On CPU train_batches gives the step numpy batches, which its dispatch places every step;
+    # placed once here as the step takes them, like the hand-written loop's.
+    batch = jax.device_put(batch, compiled.input_shardings[0][2])
 
     def variant_block(steps: int) -> None:
         state, acc = variant["state"], empty

@@ -34,19 +34,24 @@ SIZES = {
 }
 SMALL = {"small": (32, (1, 1), 16, False)}  # a CPU-sized run
 BLOCKS = 10  # an even number: each loop goes first in half of them
+SMALL_BLOCKS = 30  # a shared CPU: with 10, the medians scattered by +-4 % between runs
 STEPS_PER_BLOCK = 20
 
 
 def run(
     sizes: dict | None = None,
-    blocks: int = BLOCKS,
+    blocks: int | None = None,
     steps_per_block: int = STEPS_PER_BLOCK,
     variants: list[str] | None = None,
 ) -> list[dict]:
     """One row per variant and size: steps/s and achieved FLOP/s of the variant and of the
-    hand-written loop, and their ratio."""
+    hand-written loop, and their ratio. ``blocks`` defaults to :data:`BLOCKS`, or
+    :data:`SMALL_BLOCKS` for the CPU-sized run (``BENCH_RESNET_SIZES=small``)."""
+    small = sizes is None and os.environ.get("BENCH_RESNET_SIZES") == "small"
     if sizes is None:
-        sizes = SMALL if os.environ.get("BENCH_RESNET_SIZES") == "small" else SIZES
+        sizes = SMALL if small else SIZES
+    if blocks is None:
+        blocks = SMALL_BLOCKS if small else BLOCKS
     projects = _template.generate()
     rows = []
     for size, (batch, stages, filters, half) in sizes.items():
