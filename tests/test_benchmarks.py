@@ -52,17 +52,19 @@ def test_overhead_rows(monkeypatch):
 
 
 def test_resnet_rows_both_model_apis():
-    """A tiny ResNet, one NNX and one Linen variant: both loops run and compile the same work
-    (XLA's FLOPs per step of the variant's step and of the hand-written one agree)."""
+    """A tiny ResNet, one NNX and one Linen variant: the variant's loop and two hand-written ones
+    run, and the variant and hand-written steps compile the same work (XLA's FLOPs per step
+    agree)."""
     sizes = {"tiny": (8, (1,), 4, False)}
-    rows = bench_resnet.run(sizes, blocks=2, steps_per_block=1, variants=["nnx-jit", "linen-pmap"])
+    rows = bench_resnet.run(sizes, blocks=3, steps_per_block=1, variants=["nnx-jit", "linen-pmap"])
     assert [(r["variant"], r["size"], r["batch"]) for r in rows] == [
         ("nnx-jit", "tiny", 8),
         ("linen-pmap", "tiny", 8),
     ]
     for row in rows:
-        assert row["dtype"] == "float32" and row["steps"] == 2
+        assert row["dtype"] == "float32" and row["steps"] == 3
         assert row["steps_per_s"] > 0 and row["hand_written_steps_per_s"] > 0
+        assert row["hand_vs_hand"] > 0  # two copies of the hand-written loop, timed
         assert row["hand_gflop_per_step"] > 0
         # The trainer adds metrics (accuracy, gradient norm) to the same forward/backward pass.
         assert 1 <= row["gflop_per_step"] / row["hand_gflop_per_step"] < 1.5, row
