@@ -25,10 +25,10 @@ inlined first (``jnp.where`` is one), so a tail inside them counts too. Every ot
 operands. No operation changes; only shapes gain or lose a size-1 axis.
 
 One exception, for one device: a collective (``COLLECTIVES``) over axes of size 1 only
-(``axis_env``) is evaluated the way ``jax.vmap`` evaluates it over a size-1 axis, which
-leaves no collective in the program. XLA:CPU runs each all-reduce as a synchronisation even
-with one participant; a ResNet step with batch norm (11 of them) ran about 5 % slower with
-them.
+(``axis_env``) is evaluated the way ``jax.vmap`` evaluates it over a size-1 axis (a sum, max
+or min is its operand), which leaves no collective in the program. XLA:CPU runs each
+all-reduce as a synchronisation even with one participant; a ResNet step with batch norm (11
+of them) ran about 5 % slower with them.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ ELEMENTWISE = frozenset(
 COLLECTIVES = frozenset(
     "all_gather all_to_all axis_index pbroadcast pmax pmin ppermute psum reduce_scatter".split()
 )
+# Those among them that, over axes of size 1, are their operands.
+_IDENTITY_ALONE = frozenset("psum pmax pmin".split())
 _CALL_JAXPR = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
 
 
@@ -128,7 +130,11 @@ def _axis_names(eqn: jex.JaxprEqn) -> set[Any]:
 
 def _bind_alone(eqn: jex.JaxprEqn, args: Sequence[Any], axes: set[Any]) -> list[Any]:
     """A collective over axes of size 1 evaluated as ``jax.vmap`` evaluates it over such an axis:
-    what one participant gets, with no collective left for XLA to run."""
+    what one participant gets, with no collective left for XLA to run. A sum, max or min is its
+    operands themselves: vmap's reduction over the size-1 axis would leave XLA a reshape that
+    keeps it from seeing through, e.g., the concatenation a synced batch norm reduces."""
+    if eqn.primitive.name in _IDENTITY_ALONE:
+        return [jnp.asarray(x, v.aval.dtype) for x, v in zip(args, eqn.outvars, strict=True)]
     fn = lambda *xs: _bind(eqn, xs)  # noqa: E731
     for name in axes:
         fn = jax.vmap(fn, axis_name=name, axis_size=1)

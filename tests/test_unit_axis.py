@@ -213,3 +213,29 @@ def test_sharding_pmap_names_a_wrong_device_axis():
     n = jax.local_device_count()
     with pytest.raises(ValueError, match=f"leading axis of {n} .* shape \\({2 * n}, 3\\)"):
         sharding.pmap(lambda x: x + 1, "d")(np.ones((2 * n, 3), np.float32))
+
+
+def test_one_device_sum_is_the_operand_itself():
+    """Over one device a ``psum``/``pmean``/``pmax`` is its operand, and is evaluated as such:
+    what Flax's synced batch norm reduces (its mean and mean of squares stacked into one
+    array, split again after the ``pmean``) compiles to no ``concatenate`` at all, the
+    program the same function without an axis name compiles to. Integer sums keep their
+    type."""
+
+    def stats(x, axis_name):
+        both = jnp.concatenate([x.mean(0), (x * x).mean(0)])
+        if axis_name:
+            both = jax.lax.pmean(both, axis_name)
+        mu, mu2 = jnp.split(both, 2)
+        count = jax.lax.psum(jnp.int32(x.shape[1]), axis_name) if axis_name else x.shape[1]
+        peak = jax.lax.pmax(x, axis_name) if axis_name else x
+        return mu, mu2 - mu * mu, peak, jnp.asarray(count, jnp.int32)
+
+    x = np.random.default_rng(0).normal(size=(1, 8, 16)).astype(np.float32)
+    ours = sharding.pmap(lambda x: stats(x, "d"), "d", devices=jax.local_devices()[:1])
+    plain = jax.jit(lambda x: stats(x, None))
+    for g, w in zip(ours(x), plain(x[0]), strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(g[0], w, rtol=1e-6)
+    assert "concatenate" not in ours.lower(x).compile().as_text()
+    assert "concatenate" not in plain.lower(x[0]).compile().as_text()
