@@ -11,22 +11,35 @@ variables is not part of the path.
 Predicates take ``(path, leaf)``. The ``path`` they receive is a :class:`Path`: a tuple of the
 key strings (so ``'kernel' in path`` and ``path[-1] == 'bias'`` work, as the optax cheat sheets
 write them) whose ``str()`` is the ``'/'``-joined path (so ``'embedding' in str(path)`` works too).
+
+Wherever a selection of parameters is asked for (``match``, ``decay_mask``, ``partition``,
+``freeze`` and the optimizer config's ``weight_decay_mask``, ``freeze`` and
+``param_groups[i].match``), it may be given as:
+
+- a regex, or a list of them (``re.search`` on the path string; any may match);
+- a predicate ``(path, leaf) -> bool``;
+- a tree of bools like the parameters (what optax's ``mask=`` takes), matched by path;
+- a function ``params -> tree of bools`` (the other form optax's ``mask=`` takes), recognised by
+  its one positional argument.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from plugins.config_errors import ConfigError
 
 PyTree = Any
 Predicate = Callable[["Path", Any], bool]
-Patterns = str | Sequence[str] | Predicate
+# A regex, a list of regexes, a predicate, a bool tree or a ``params -> bool tree`` function.
+Patterns = str | Sequence[str] | Predicate | PyTree
 
 
 class Path(tuple):
@@ -147,9 +160,67 @@ def compile_patterns(patterns: str | Iterable[str], where: str = "patterns") -> 
     return compiled
 
 
-def as_predicate(patterns: Patterns, where: str = "patterns") -> Predicate:
-    """Turns a regex, a list of regexes (any may match, ``re.search`` on the path string) or a
-    predicate ``(path, leaf) -> bool`` into a predicate."""
+def _required_positional(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` requires (``None`` when it has no signature)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in positional and p.default is p.empty)
+
+
+def is_mask_function(value: Any) -> bool:
+    """True for an optax-style mask function ``params -> tree of bools`` (one positional
+    argument), as opposed to a predicate ``(path, leaf) -> bool``."""
+    return callable(value) and _required_positional(value) == 1
+
+
+def _is_bool(leaf: Any) -> bool:
+    if isinstance(leaf, bool | np.bool_):
+        return True
+    return getattr(leaf, "dtype", None) == np.bool_ and getattr(leaf, "shape", None) == ()
+
+
+def is_mask_tree(value: Any) -> bool:
+    """True for a non-empty tree (dict, ``nnx.State``, list...) whose leaves are all bools."""
+    if isinstance(value, str) or callable(value):
+        return False
+    leaves = jax.tree.leaves(value)
+    return bool(leaves) and all(_is_bool(leaf) for leaf in leaves)
+
+
+def _mask_tree_of(patterns: Any, tree: PyTree | None, where: str) -> PyTree | None:
+    """The bool tree that ``patterns`` stands for, or ``None`` when it is a regex or predicate."""
+    if is_mask_function(patterns):
+        if tree is None:
+            raise TypeError(
+                f"{where}: a mask function params -> tree needs the parameters it applies to"
+            )
+        result = patterns(tree)
+        if not is_mask_tree(result):
+            raise ConfigError(
+                f"{where}: the mask function returned {type(result).__name__}, "
+                "not a tree of bools like the parameters"
+            )
+        return result
+    return patterns if is_mask_tree(patterns) else None
+
+
+def as_predicate(patterns: Patterns, where: str = "patterns", *, tree: PyTree = None) -> Predicate:
+    """Turns any selection (see the module docstring) into a predicate ``(path, leaf) -> bool``.
+
+    A bool tree selects the paths where it holds True. A mask function ``params -> bool tree``
+    is evaluated on ``tree``, which it needs.
+    """
+    mask_tree = _mask_tree_of(patterns, tree, where)
+    if mask_tree is not None:
+        chosen = {
+            str(path)
+            for path, keep in zip(leaf_paths(mask_tree), jax.tree.leaves(mask_tree), strict=True)
+            if keep
+        }
+        return lambda path, leaf: str(path) in chosen
     if callable(patterns):
         return patterns
     compiled = compile_patterns(patterns, where)
@@ -158,18 +229,33 @@ def as_predicate(patterns: Patterns, where: str = "patterns") -> Predicate:
 
 def match(tree: PyTree, patterns: Patterns) -> PyTree:
     """Returns a bool tree like ``tree``: True where the path matches ``patterns``."""
-    predicate = as_predicate(patterns)
+    predicate = as_predicate(patterns, tree=tree)
     return map_with_paths(lambda path, leaf: bool(predicate(path, leaf)), tree)
 
 
-def check_patterns_match(tree: PyTree, patterns: str | Iterable[str], where: str) -> None:
-    """Raises ``ConfigError`` naming ``where`` for a regex that matches no parameter path.
+def check_patterns_match(tree: PyTree, patterns: Patterns, where: str) -> None:
+    """Raises ``ConfigError`` naming ``where`` for a regex that matches no parameter path, or a
+    bool tree (or a mask function's result) whose paths are not the parameters' paths.
 
-    The message lists the paths nearest to the pattern so typos are easy to spot.
+    The message lists the paths nearest to the pattern so typos are easy to spot. Predicates
+    are not checked.
     """
     import difflib
 
     paths = path_strings(tree)
+    mask_tree = _mask_tree_of(patterns, tree, where)
+    if mask_tree is not None:
+        given = path_strings(mask_tree)
+        missing = [p for p in paths if p not in set(given)]
+        extra = [p for p in given if p not in set(paths)]
+        if missing or extra:
+            raise ConfigError(
+                f"{where}: the mask tree's paths are not the parameters': "
+                f"missing {missing[:5]}, not parameters {extra[:5]}"
+            )
+        return
+    if callable(patterns):
+        return
     if isinstance(patterns, str):
         patterns = [patterns]
     for i, pattern in enumerate(compile_patterns(patterns, where)):
@@ -192,7 +278,7 @@ def labels_by_patterns(
     tree: PyTree, groups: Sequence[tuple[Any, Patterns]], default: Any = "default"
 ) -> PyTree:
     """Labels each leaf with the label of the first ``(label, patterns)`` group it matches."""
-    predicates = [(label, as_predicate(p)) for label, p in groups]
+    predicates = [(label, as_predicate(p, tree=tree)) for label, p in groups]
 
     def label(path: Path, leaf: Any) -> Any:
         for name, predicate in predicates:
@@ -203,25 +289,30 @@ def labels_by_patterns(
     return map_with_paths(label, tree)
 
 
-def decay_mask(tree: PyTree, spec: str | Sequence[str] | Predicate = "matrices") -> PyTree:
+def decay_mask(tree: PyTree, spec: Patterns = "matrices") -> PyTree:
     """Returns the weight-decay mask of ``tree``: True where weight decay applies.
 
     ``spec`` is ``'all'``, ``'matrices'`` (rank >= 2: kernels and embeddings, not biases or
-    norm scales), a list of path regexes, or a predicate ``(path, leaf) -> bool``.
+    norm scales), or any selection (regexes, a predicate, a bool tree, a mask function).
     """
-    return match(tree, decay_predicate(spec))
+    return match(tree, decay_predicate(spec, tree=tree))
 
 
-def decay_predicate(spec: str | Sequence[str] | Predicate = "matrices") -> Predicate:
-    """The predicate ``(path, leaf) -> bool`` of a weight-decay mask spec (see ``decay_mask``)."""
-    if spec == "all":
+def _is_name(spec: Any, name: str) -> bool:
+    return isinstance(spec, str) and spec == name
+
+
+def decay_predicate(spec: Patterns = "matrices", *, tree: PyTree = None) -> Predicate:
+    """The predicate ``(path, leaf) -> bool`` of a weight-decay mask spec (see ``decay_mask``);
+    ``tree`` is needed only by a mask function."""
+    if _is_name(spec, "all"):
         return lambda path, leaf: True
-    if spec == "matrices":
+    if _is_name(spec, "matrices"):
         return is_matrix
-    return as_predicate(spec, "weight_decay_mask")
+    return as_predicate(spec, "weight_decay_mask", tree=tree)
 
 
-def decay_mask_fn(spec: str | Sequence[str] | Predicate = "matrices") -> Callable[[PyTree], PyTree]:
+def decay_mask_fn(spec: Patterns = "matrices") -> Callable[[PyTree], PyTree]:
     """Returns ``params -> decay_mask(params, spec)``, the callable form optax's ``mask=`` takes."""
     return lambda params: decay_mask(params, spec)
 
@@ -241,7 +332,8 @@ def partition(
     ``false_transform`` to the rest, each with its own state (no state for the other part).
 
     ``condition`` is a predicate ``(path, leaf) -> bool`` (``path`` behaves as a tuple of keys and
-    as a ``'/'``-joined string), a regex, or a list of regexes. The cheat-sheet spelling
+    as a ``'/'``-joined string), a regex, a list of regexes, a bool tree or a mask function
+    ``params -> bool tree``. The cheat-sheet spelling
     ``partition(condition=..., true_gradient_transform=..., false_gradient_transform=...)`` works
     too. Built on ``optax.partition``.
     """
@@ -249,9 +341,11 @@ def partition(
     false_transform = false_transform or false_gradient_transform
     if condition is None or true_transform is None or false_transform is None:
         raise TypeError("partition() needs condition, true_transform and false_transform")
-    predicate = as_predicate(condition, "condition")
+    if not is_mask_function(condition):
+        as_predicate(condition, "condition")  # a bad regex fails here, not at init
 
     def labels(params: PyTree) -> PyTree:
+        predicate = as_predicate(condition, "condition", tree=params)
         return map_with_paths(lambda path, leaf: bool(predicate(path, leaf)), params)
 
     return optax.partition({True: true_transform, False: false_transform}, labels)

@@ -95,6 +95,8 @@ _MUON_ADAM_KWARGS = {
     "adam_eps_root": "eps_root",
     "adam_weight_decay": "weight_decay",
 }
+# Other names users write for an optimizer's kwargs (seed documents; older optax versions).
+_KWARG_ALIASES = {"muon": {"momentum": "beta"}}
 _MAX_CONSECUTIVE_NONFINITE = 2**31 - 1  # skip forever; the count is what gets reported
 
 
@@ -227,7 +229,7 @@ class Group:
     """One parameter group: which parameters, and what they get."""
 
     label: str
-    predicate: masks.Predicate | None  # None: the default group (everything else)
+    match: masks.Patterns | None  # which parameters; None: the default group (everything else)
     lr_mult: float
     config: dict[str, Any]  # a SUB_KEYS optimizer config
 
@@ -245,14 +247,37 @@ def _number(cfg: Mapping[str, Any], key: str, where: str, *, positive: bool, all
     return float(value)
 
 
-def _patterns(value: Any, where: str) -> list[str] | masks.Predicate:
-    if callable(value):
+def _patterns(value: Any, where: str) -> masks.Patterns:
+    """A checked selection: a list of regexes, or a predicate, bool tree or mask function."""
+    if value is None:
+        return []
+    if callable(value) or masks.is_mask_tree(value):
         return value
     if isinstance(value, str):
         value = [value]
-    value = list(value or [])
+    if isinstance(value, Mapping) or not isinstance(value, list | tuple):
+        raise ConfigError(
+            f"{where} must be a regex, a list of regexes, a predicate (path, leaf) -> bool, "
+            f"a tree of bools or a function params -> tree of bools; got {value!r}"
+        )
+    value = list(value)
     masks.compile_patterns(value, where)
     return value
+
+
+def _is(spec: Any, name: str) -> bool:
+    """``spec == name`` for a weight-decay mask spec that may be a tree."""
+    return isinstance(spec, str) and spec == name
+
+
+def _given(selection: masks.Patterns) -> bool:
+    """Whether a checked selection selects anything at all (``[]``: nothing)."""
+    return not (isinstance(selection, list) and not selection)
+
+
+def _selects(mask: Any) -> bool:
+    """Whether a checked weight-decay mask is a selection (not ``'all'``/``'matrices'``)."""
+    return not (_is(mask, "all") or _is(mask, "matrices"))
 
 
 def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -> dict[str, Any]:
@@ -273,7 +298,7 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
     cfg["kwargs"] = as_dict(cfg.get("kwargs"))
     cfg["weight_decay"] = _number(cfg, "weight_decay", where, positive=False, allow_none=True)
     mask = cfg.get("weight_decay_mask", "matrices")
-    if mask not in ("all", "matrices"):
+    if not (_is(mask, "all") or _is(mask, "matrices")):
         mask = _patterns(mask, f"{where}.weight_decay_mask")
     cfg["weight_decay_mask"] = mask
     _check_kwargs(cfg, where)
@@ -282,6 +307,13 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
 
 def _check_kwargs(cfg: dict[str, Any], where: str) -> None:
     name, kwargs = cfg["name"], cfg["kwargs"]
+    for alias, key in _KWARG_ALIASES.get(name, {}).items():
+        if alias in kwargs:
+            if key in kwargs:
+                raise ConfigError(
+                    f"{where}.kwargs: {alias!r} is another name for {key!r}; give only {key!r}"
+                )
+            kwargs[key] = kwargs.pop(alias)
     params = inspect.signature(OPTIMIZERS[name]).parameters
     valid = set(params) - {"learning_rate"}
     if name == "muon":
@@ -362,14 +394,18 @@ def _check_group(group: Any, where: str, parent: dict[str, Any]) -> dict[str, An
         )
     group["match"] = _patterns(group["match"], f"{where}.match")
     group["lr_mult"] = _number(group, "lr_mult", where, positive=True, allow_none=True) or 1.0
+    # A group without its own optimizer is the parent's optimizer with the group's changes; a
+    # group with one gets only the parent's learning rate and schedule, not its weight decay
+    # (``dict(match='bias', optimizer=dict(name='adam'))`` is plain adam, as in optax).
     sub = as_dict(group.get("optimizer"))
-    if not sub:
+    inherit = not sub
+    if inherit:
         sub = {"name": parent["name"], "kwargs": parent["kwargs"]}
     for key in ("weight_decay", "weight_decay_mask"):
         if key in group:
             sub[key] = group[key]
-        else:
-            sub.setdefault(key, parent[key])
+        elif inherit:
+            sub[key] = parent[key]
     group["optimizer"] = _check_sub(sub, f"{where}.optimizer", parent)
     return group
 
@@ -380,7 +416,7 @@ def groups_of(cfg: dict[str, Any]) -> list[Group]:
     groups = [
         Group(
             label=str(g.get("name") or f"group{i}"),
-            predicate=masks.as_predicate(g["match"]),
+            match=g["match"],
             lr_mult=g["lr_mult"],
             config=g["optimizer"],
         )
@@ -397,7 +433,7 @@ def _scaled(schedule: optax.Schedule, mult: float) -> optax.Schedule:
 
 
 def _mask_fn(spec: Any) -> Callable[[PyTree], PyTree] | None:
-    return None if spec == "all" else masks.decay_mask_fn(spec)
+    return None if _is(spec, "all") else masks.decay_mask_fn(spec)
 
 
 def build_optimizer(
@@ -424,15 +460,15 @@ def build_optimizer(
     mask_arg = next((a for a in ("mask", "weight_decay_mask") if a in params), None)
     external_decay = None
     if wd is not None:
-        if wd_arg and (mask_arg or mask == "all"):
+        if wd_arg and (mask_arg or _is(mask, "all")):
             call[wd_arg] = wd
-            if mask_arg and mask != "all":
+            if mask_arg and not _is(mask, "all"):
                 call[mask_arg] = _mask_fn(mask)
         else:
             if wd_arg:
                 call[wd_arg] = 0.0
             external_decay = decoupled_weight_decay(wd, schedule)
-            if mask != "all":
+            if not _is(mask, "all"):
                 external_decay = optax.masked(external_decay, _mask_fn(mask))
     tx = fn(**call)
     if external_decay is not None and wd:
@@ -451,11 +487,18 @@ def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformatio
     wd, mask = cfg["weight_decay"], cfg["weight_decay_mask"]
     if wd is not None:
         kwargs["weight_decay"] = wd
-        if mask != "all":
+        if not _is(mask, "all"):
             kwargs["weight_decay_mask"] = _mask_fn(mask)
         adam_kwargs.setdefault("weight_decay", wd)
-        if mask != "all":
-            adam_kwargs["mask"] = _mask_fn(mask)
+    # The AdamW half is the one optax.contrib.muon builds: its defaults, Muon's eps, mu_dtype
+    # and nesterov, and no weight decay unless asked for.
+    defaults = {k: p.default for k, p in inspect.signature(optax.contrib.muon).parameters.items()}
+    for ours, theirs in _MUON_ADAM_KWARGS.items():
+        adam_kwargs.setdefault(theirs, defaults[ours])
+    for shared in ("eps", "mu_dtype", "nesterov"):
+        adam_kwargs[shared] = kwargs.get(shared, defaults[shared])
+    if adam_kwargs["weight_decay"] and not _is(mask, "all"):
+        adam_kwargs["mask"] = _mask_fn(mask)
     muon = optax.contrib.muon(learning_rate=schedule, **kwargs)
     adamw = optax.adamw(learning_rate=adam_schedule, **adam_kwargs)
     return masks.partition(masks.is_2d_non_embedding, muon, adamw)
@@ -513,7 +556,7 @@ def create(
         tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
     if cfg["skip_nonfinite"]:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=_MAX_CONSECUTIVE_NONFINITE)
-    if cfg["freeze"]:
+    if _given(cfg["freeze"]):
         tx = optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, _freeze_labels(cfg))
     names = _extra_args(cfg)
     if names:
@@ -525,7 +568,7 @@ def _checking_patterns_on_init(
     tx: optax.GradientTransformation, cfg: dict[str, Any]
 ) -> optax.GradientTransformation:
     """``tx`` whose ``init`` first checks that every path regex of ``cfg`` matches a parameter."""
-    if not (cfg["freeze"] or cfg["param_groups"] or isinstance(cfg["weight_decay_mask"], list)):
+    if not (_given(cfg["freeze"]) or cfg["param_groups"] or _selects(cfg["weight_decay_mask"])):
         return tx
 
     def init(params: PyTree) -> optax.OptState:
@@ -538,16 +581,15 @@ def _checking_patterns_on_init(
 def _group_labels(cfg: dict[str, Any], groups: list[Group]) -> Callable[[PyTree], PyTree]:
     def labels(params: PyTree) -> PyTree:
         return masks.labels_by_patterns(
-            params, [(g.label, g.predicate) for g in groups if g.predicate is not None]
+            params, [(g.label, g.match) for g in groups if g.match is not None]
         )
 
     return labels
 
 
 def _freeze_labels(cfg: dict[str, Any]) -> Callable[[PyTree], PyTree]:
-    frozen = masks.as_predicate(cfg["freeze"])
-
     def labels(params: PyTree) -> PyTree:
+        frozen = masks.as_predicate(cfg["freeze"], tree=params)
         return masks.map_with_paths(
             lambda path, leaf: "frozen" if frozen(path, leaf) else "trainable", params
         )
@@ -561,12 +603,11 @@ def check_patterns(optimizer_config: Any, params: PyTree) -> None:
 
 
 def _check_patterns(cfg: dict[str, Any], params: PyTree) -> None:
-    if isinstance(cfg["freeze"], list) and cfg["freeze"]:
+    if _given(cfg["freeze"]):
         masks.check_patterns_match(params, cfg["freeze"], "optimizer.freeze")
     for i, group in enumerate(cfg["param_groups"]):
-        if isinstance(group["match"], list):
-            masks.check_patterns_match(params, group["match"], f"optimizer.param_groups[{i}].match")
-    if isinstance(cfg["weight_decay_mask"], list) and cfg["weight_decay"]:
+        masks.check_patterns_match(params, group["match"], f"optimizer.param_groups[{i}].match")
+    if _selects(cfg["weight_decay_mask"]) and cfg["weight_decay"]:
         masks.check_patterns_match(params, cfg["weight_decay_mask"], "optimizer.weight_decay_mask")
 
 
@@ -684,7 +725,9 @@ def eval_params(opt_state: PyTree, params: PyTree) -> PyTree:
 # ----------------------------------------------------------------------------- summary
 
 
-def _describe(cfg: dict[str, Any], leaf_path: masks.Path, leaf: Any) -> tuple[str, str]:
+def _describe(
+    cfg: dict[str, Any], leaf_path: masks.Path, leaf: Any, params: PyTree
+) -> tuple[str, str]:
     """(transform name, weight decay) for one parameter of one group's optimizer config."""
     name = cfg["name"]
     if name == "muon":
@@ -692,7 +735,7 @@ def _describe(cfg: dict[str, Any], leaf_path: masks.Path, leaf: Any) -> tuple[st
     wd = cfg["weight_decay"]
     if wd is None:
         return name, "default"
-    decays = masks.decay_predicate(cfg["weight_decay_mask"])(leaf_path, leaf)
+    decays = masks.decay_predicate(cfg["weight_decay_mask"], tree=params)(leaf_path, leaf)
     return name, f"{wd:g}" if decays else "0"
 
 
@@ -702,16 +745,19 @@ def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
     cfg = check_config(optimizer_config)
     tx = create(optimizer_config, total_steps=total_steps, params=params)
     groups = groups_of(cfg)
-    frozen = masks.as_predicate(cfg["freeze"]) if cfg["freeze"] else (lambda p, x: False)
+    frozen = masks.as_predicate(cfg["freeze"], tree=params) if _given(cfg["freeze"]) else None
+    matches = {
+        g.label: masks.as_predicate(g.match, tree=params) for g in groups if g.match is not None
+    }
     rows = []
     for path, leaf in zip(masks.leaf_paths(params), jax.tree.leaves(params), strict=True):
         shape = tuple(getattr(leaf, "shape", ()))
         size = int(getattr(leaf, "size", 1))
-        if frozen(path, leaf):
+        if frozen is not None and frozen(path, leaf):
             rows.append((str(path), str(shape), size, "-", "-", "-", "yes", "frozen"))
             continue
-        group = next(g for g in groups if g.predicate is None or g.predicate(path, leaf))
-        transform, wd = _describe(group.config, path, leaf)
+        group = next(g for g in groups if g.match is None or matches[g.label](path, leaf))
+        transform, wd = _describe(group.config, path, leaf, params)
         rows.append(
             (str(path), str(shape), size, group.label, f"{group.lr_mult:g}", wd, "no", transform)
         )

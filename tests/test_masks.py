@@ -172,6 +172,47 @@ def test_freeze_gives_zero_updates_and_no_state():
     assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 2 * dense
 
 
+def _optax_style_mask(params):
+    """What the optax tutorials write for ``mask=``: params -> bool tree."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in str(path), params)
+
+
+@pytest.mark.parametrize("params_of", [linen_params, nnx_params])
+def test_bool_trees_and_mask_functions_select_like_predicates(params_of):
+    params = params_of()
+    kernels = lambda path, leaf: path[-1] == "kernel"
+    expected = jax.tree.leaves(masks.match(params, kernels))
+    assert sum(expected) == (1 if params_of is linen_params else 2)
+    # The bool tree optax's mask= takes (here a plain dict of the paths), and the function form.
+    as_dict = {str(p): bool(k) for p, k in zip(masks.leaf_paths(params), expected, strict=True)}
+    nested: dict = {}
+    for path, keep in as_dict.items():
+        *outer, last = path.split("/")
+        node = nested
+        for key in outer:
+            node = node.setdefault(key, {})
+        node[last] = keep
+    for spec in (masks.match(params, kernels), nested, _optax_style_mask):
+        assert jax.tree.leaves(masks.match(params, spec)) == expected
+        assert jax.tree.leaves(masks.decay_mask(params, spec)) == expected
+        masks.check_patterns_match(params, spec, "optimizer.freeze")
+    # Through partition, the function form is evaluated on the parameters optax passes.
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = masks.partition(_optax_style_mask, optax.sgd(1.0), optax.set_to_zero())
+    updates, _ = tx.update(grads, tx.init(params), params)
+    moved = [bool(jnp.abs(u).sum() > 0) for u in jax.tree.leaves(updates)]
+    assert moved == expected
+
+
+def test_mask_trees_whose_paths_are_not_the_parameters_are_errors():
+    params = linen_params()
+    wrong = {"Dense_0": {"kernel": True, "bias": False}, "Dense_9": {"kernel": True}}
+    with pytest.raises(ConfigError, match=r"optimizer\.freeze: the mask tree's paths.*Embed_0"):
+        masks.check_patterns_match(params, wrong, "optimizer.freeze")
+    with pytest.raises(ConfigError, match=r"not a tree of bools"):
+        masks.match(params, lambda params: "kernel")
+
+
 def test_bad_regexes_are_clear_errors():
     with pytest.raises(ConfigError, match=r"freeze\[1\]: invalid regex"):
         masks.compile_patterns(["ok", "(unclosed"], "freeze")

@@ -109,6 +109,11 @@ def _labels(params, fn):
     return jax.tree_util.tree_map_with_path(lambda kp, x: fn(kp[0].key, x), params)
 
 
+def _kernels_fn(params):
+    """An optax-style mask function (params -> bool tree), as the optax tutorials write it."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in str(path), params)
+
+
 def _warmup_cosine():
     return optax.warmup_cosine_decay_schedule(0.0, LR, 3, TOTAL_STEPS, 1e-4)
 
@@ -214,11 +219,80 @@ RECIPES = {
             ),
         ),
     ),
-    "muon": (
-        dict(name="muon", learning_rate=LR),
+    # No embeddings here, so name='muon' is exactly optax.contrib.muon, AdamW half included.
+    "muon": (dict(name="muon", learning_rate=LR), lambda p: optax.contrib.muon(LR)),
+    "muon_with_kwargs_as_the_cheat_sheet_spells_them": (
+        dict(
+            name="muon",
+            learning_rate=LR,
+            kwargs=dict(momentum=0.9, nesterov=False, eps=1e-6, adam_b1=0.8),
+        ),
+        lambda p: optax.contrib.muon(LR, beta=0.9, nesterov=False, eps=1e-6, adam_b1=0.8),
+    ),
+    "muon_weight_decay_on_matrices": (
+        dict(name="muon", learning_rate=LR, weight_decay=0.1),
+        lambda p: optax.contrib.muon(LR, weight_decay=0.1),
+    ),
+    "group_with_own_optimizer_gets_no_parent_decay": (
+        dict(
+            name="adamw",
+            learning_rate=LR,
+            weight_decay=0.1,
+            weight_decay_mask="all",
+            param_groups=[dict(match="bias$", optimizer=dict(name="adam"))],
+        ),
         lambda p: optax.multi_transform(
-            {"muon": optax.contrib.muon(LR), "adam": optax.adamw(LR)},
-            jax.tree.map(lambda x: "muon" if x.ndim == 2 else "adam", p),
+            {"no_decay": optax.adam(LR), "decay": optax.adamw(LR, weight_decay=0.1)},
+            jax.tree_util.tree_map_with_path(
+                lambda kp, x: "no_decay" if kp[-1].key == "bias" else "decay", p
+            ),
+        ),
+    ),
+    # Masks as optax takes them: a bool tree, or a function params -> bool tree.
+    "adamw_mask_tree": (
+        dict(
+            name="adamw",
+            learning_rate=LR,
+            weight_decay=0.1,
+            weight_decay_mask={
+                "backbone": {"kernel": True, "bias": False},
+                "head": {"kernel": False, "bias": True},
+            },
+        ),
+        lambda p: optax.adamw(
+            LR,
+            weight_decay=0.1,
+            mask={
+                "backbone": {"kernel": True, "bias": False},
+                "head": {"kernel": False, "bias": True},
+            },
+        ),
+    ),
+    "adamw_mask_function": (
+        dict(name="adamw", learning_rate=LR, weight_decay=0.1, weight_decay_mask=_kernels_fn),
+        lambda p: optax.adamw(LR, weight_decay=0.1, mask=_kernels_fn),
+    ),
+    "frozen_by_mask_tree": (
+        dict(
+            name="adam",
+            learning_rate=LR,
+            freeze={
+                "backbone": {"kernel": True, "bias": True},
+                "head": {"kernel": False, "bias": False},
+            },
+        ),
+        lambda p: optax.multi_transform(
+            {"train": optax.adam(LR), "frozen": optax.set_to_zero()},
+            _labels(p, lambda top, x: "frozen" if top == "backbone" else "train"),
+        ),
+    ),
+    "group_matched_by_mask_function": (
+        dict(name="adam", learning_rate=1e-2, param_groups=[dict(match=_kernels_fn, lr_mult=0.1)]),
+        lambda p: optax.multi_transform(
+            {"kernels": optax.adam(1e-3), "rest": optax.adam(1e-2)},
+            jax.tree_util.tree_map_with_path(
+                lambda kp, x: "kernels" if kp[-1].key == "kernel" else "rest", p
+            ),
         ),
     ),
     "frozen_backbone": (
@@ -272,7 +346,7 @@ def test_muon_excludes_embeddings():
     grads = jax.tree.map(lambda p: jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
     tx = optim.create(dict(name="muon", learning_rate=LR), total_steps=10)
     updates, _ = tx.update(grads, tx.init(params), params)
-    adam = optax.adamw(LR)
+    adam = optax.adamw(LR, weight_decay=0.0, nesterov=True)  # optax.contrib.muon's AdamW half
     expected_adam, _ = adam.update(grads, adam.init(params), params)
     muon = optax.contrib.muon(LR)
     expected_muon, _ = muon.update(grads, muon.init(params), params)
@@ -547,6 +621,14 @@ def test_schedule_free_eval_params_match_optax():
             r"param_groups\[0\]\.lr.*'lr_mult'",
         ),
         (dict(name="schedule_free", learning_rate=1e-3), r"kwargs\.base_optimizer"),
+        (
+            dict(name="adamw", learning_rate=1e-3, freeze={"backbone": "kernel"}),
+            r"optimizer\.freeze must be a regex, a list of regexes, a predicate",
+        ),
+        (
+            dict(name="muon", learning_rate=1e-3, kwargs=dict(momentum=0.9, beta=0.9)),
+            r"'momentum' is another name for 'beta'",
+        ),
         (dict(name="adamw", learning_rate=1e-3, clip_global_norm=-1.0), r"clip_global_norm"),
     ],
 )
