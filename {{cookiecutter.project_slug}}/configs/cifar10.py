@@ -25,15 +25,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 1000  # test accuracy every 1000 steps and at the end
     config.checkpoint_every_steps = 1000  # checkpoint every 1000 steps and at the end
     config.half_precision = False  # True: bfloat16 compute (faster on GPU/TPU)
-    config.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="sgd",  # SGD with Nesterov momentum, the classic ResNet recipe
-            learning_rate=0.2,  # peak learning rate
-            kwargs=dict(momentum=0.9, nesterov=True),  # further optax.sgd arguments
-            schedule=dict(name="warmup_cosine", warmup_steps=500, end_value=0.0),
-            weight_decay=5e-4,  # decoupled weight decay...
-            weight_decay_mask="matrices",  # ...on kernels only (not biases or norm scales)
-        )
+    config.optimizer = default.optimizer(
+        name="sgd",  # SGD with Nesterov momentum, the classic ResNet recipe
+        learning_rate=0.2,  # peak learning rate
+        kwargs=dict(momentum=0.9, nesterov=True),  # further optax.sgd arguments
+        schedule=dict(name="warmup_cosine", warmup_steps=500, end_value=0.0),
+        weight_decay=5e-4,  # decoupled weight decay...
+        weight_decay_mask="matrices",  # ...on kernels only (not biases or norm scales)
     )
     # Label smoothing regularises the classifier a little.
     config.loss = ml_collections.ConfigDict(dict(name="softmax_cross_entropy", label_smoothing=0.1))

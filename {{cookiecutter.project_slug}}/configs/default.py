@@ -5,6 +5,45 @@ seconds on a CPU. Override any key on the command line, e.g. ``--config.num_trai
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+
+def optimizer(**keys: object) -> ml_collections.ConfigDict:
+    """An optimizer config (``plugins.optim.create``) holding every key, ``keys`` changed.
+
+    The config is locked, so a key can be set with ``--config.optimizer.<key>=...`` only if it
+    is here; unset numbers are typed placeholders (``None`` until set). ``kwargs`` (the optax
+    function's own arguments) takes the keys a config file gives it.
+    """
+    defaults = dict(
+        # Any optax or optax.contrib optimizer by name ('adamw', 'sgd', 'lion', 'muon', ...).
+        name="adamw",
+        # The peak learning rate.
+        learning_rate=1e-3,
+        # Further keyword arguments of that optax function, e.g. dict(b2=0.95).
+        kwargs=dict(),
+        # The learning-rate schedule; None: constant.
+        schedule=dict(name="warmup_cosine", warmup_steps=50, end_value=1e-5),
+        # Decoupled weight decay on the parameters weight_decay_mask selects; None: the
+        # optimizer's own default.
+        weight_decay=config_dict.placeholder(float),
+        # 'matrices' (rank >= 2: kernels), 'all', or path regexes.
+        weight_decay_mask="matrices",
+        # Clip gradients to this global norm, and/or every element to [-v, v], first.
+        clip_global_norm=config_dict.placeholder(float),
+        clip_value=config_dict.placeholder(float),
+        # optax.MultiSteps over this many micro-batches (schedules count optimizer steps).
+        accumulate_steps=1,
+        # Keep an EMA of the parameters with this decay and evaluate with it.
+        ema_decay=config_dict.placeholder(float),
+        # Skip (and count) steps whose loss or gradients hold NaN/Inf, instead of stopping.
+        skip_nonfinite=False,
+        # Path regexes of parameters that never change, e.g. ('^conv_0/',).
+        freeze=(),
+        # Parameter groups: dict(match=..., lr_mult=..., weight_decay=..., optimizer=...).
+        param_groups=(),
+    )
+    return ml_collections.ConfigDict({**defaults, **keys})
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,18 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 300
     # Compute in bfloat16 (parameters and optimizer state stay float32).
     config.half_precision = False
-    # The optimizer, built by plugins.optim.create (see the plugins README for every key):
-    # any optax optimizer by name, its peak learning rate, a schedule, weight decay (here on
-    # matrices only), clipping, accumulation, EMA, freezing, parameter groups.
-    config.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            learning_rate=3e-3,
-            schedule=dict(name="warmup_cosine", warmup_steps=50, end_value=1e-5),
-            weight_decay=1e-2,
-            weight_decay_mask="matrices",
-        )
-    )
+    # The optimizer, built by plugins.optim.create (every key is in ``optimizer()`` above):
+    # AdamW with warmup and cosine decay, weight decay on matrices only.
+    config.optimizer = optimizer(name="adamw", learning_rate=3e-3, weight_decay=1e-2)
     # The loss, built by plugins.losses.create: 'softmax_cross_entropy' (with label_smoothing,
     # which regularises the small digits dataset well), 'sigmoid_binary_cross_entropy',
     # 'sigmoid_focal_loss', 'l2', 'mse', 'huber', ...

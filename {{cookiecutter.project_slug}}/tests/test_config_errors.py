@@ -296,3 +296,64 @@ def test_override_that_does_not_divide_is_one_line(tmp_path):
         "config error: batch_size=12 does not divide over the 8 devices; use a multiple of 8"
     )
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "mnist", "cifar10"])
+def test_every_optimizer_key_is_in_every_config_file(name):
+    # The config is locked: only keys the file holds can be set with --config.optimizer.<key>.
+    from importlib import import_module
+
+    from plugins import optim
+
+    config = import_module(f"configs.{name}").get_config()
+    assert sorted(config.optimizer.keys()) == sorted(optim.TOP_KEYS)
+
+
+def test_every_optional_optimizer_key_can_be_set_on_the_command_line(tmp_path):
+    workdir = tmp_path / "run"
+    overrides = [
+        "--config.optimizer.ema_decay=0.99",
+        "--config.optimizer.skip_nonfinite=True",
+        "--config.optimizer.clip_global_norm=1.0",
+        "--config.optimizer.clip_value=0.5",
+        "--config.optimizer.accumulate_steps=2",
+        "--config.optimizer.weight_decay=0.001",
+        "--config.optimizer.freeze=('^conv_0/',)",
+        "--config.num_train_steps=0",  # parsed like the rest, then stops the run at the check
+    ]
+    result = _main(tmp_path, "--config=configs/quick.py", f"--workdir={workdir}", *overrides)
+    assert _one_line(result) == "config error: num_train_steps must be an int >= 1, got 0"
+    assert not workdir.exists()
+
+
+def test_an_optimizer_kwarg_the_file_lacks_is_one_line_saying_where_to_set_it(tmp_path):
+    result = _main(
+        tmp_path,
+        "--config=configs/quick.py",
+        f"--workdir={tmp_path}",
+        "--config.optimizer.kwargs.b1=0.9",
+    )
+    line = _one_line(result)
+    assert line.startswith(
+        "config error: unknown key 'optimizer.kwargs.b1' (the config is locked"
+    ), line
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        (None, "No such file or directory"),
+        ("x = 1\n", "it defines no get_config()"),
+        ("def get_config(:\n", "(line 1)"),
+    ],
+    ids=["missing", "no_get_config", "syntax_error"],
+)
+def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path, text, why):
+    path = tmp_path / "my_config.py"
+    if text is not None:
+        path.write_text(text)
+    workdir = tmp_path / "run"
+    result = _main(tmp_path, f"--config={path}", f"--workdir={workdir}")
+    line = _one_line(result)
+    assert line.startswith(f"config error: cannot load --config={path}: ") and why in line, line
+    assert not workdir.exists()
