@@ -119,7 +119,7 @@ def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]
     Every config mistake raises ``ConfigError`` before anything compiles and before anything
     is created or written in ``workdir``; here it becomes one line on stderr,
     ``config error: <what is wrong and what is valid>``, and exit code 1 (``SystemExit``).
-    SIGTERM (preemption) saves a checkpoint and exits with code 143; a NaN/Inf loss without
+    SIGTERM (preemption) or Ctrl-C saves a checkpoint and exits with code 143 or 130; a NaN/Inf loss without
     ``optimizer.skip_nonfinite`` exits with code 1 and ``non-finite: ...`` naming the step.
     """
     from plugins.config_errors import ConfigError
@@ -130,9 +130,9 @@ def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]
         return train.train_and_evaluate(config, workdir)
     except ConfigError as error:
         sys.exit("config error: " + " ".join(str(error).split()))
-    except trainer.Preempted as stopped:  # SIGTERM: a checkpoint was saved; rerun to resume
+    except trainer.Preempted as stopped:  # SIGTERM/Ctrl-C: a checkpoint was saved; rerun
         print(stopped, file=sys.stderr, flush=True)
-        sys.exit(trainer.Preempted.EXIT_CODE)
+        sys.exit(stopped.exit_code)
     except trainer.NonFiniteError as error:  # the last good checkpoint is intact
         sys.exit(f"non-finite: {error}")
 

@@ -1,4 +1,4 @@
-"""Reliability: exact resume after SIGTERM/SIGKILL, and non-finite losses or gradients.
+"""Reliability: exact resume after SIGTERM/SIGINT/SIGKILL, and non-finite losses or gradients.
 
 Runs are stopped from the inside at a random step: the data iterator sends the signal when it is
 asked for a batch, or orbax's commit of a checkpoint does (an interruption in the middle of a
@@ -140,23 +140,25 @@ def _assert_same_run(workdir: Path, reference: Path, context: str) -> None:
 
 @pytest.fixture
 def sigterm_to_self(monkeypatch):
-    """``arm(where, at)``: SIGTERM to this process in the next run when it asks for its
-    ``at``-th batch (``where='batch'``), or after that in the next evaluation (``'eval'``) or
-    right after the next checkpoint save started writing in the background (``'save'``).
-    A SIGTERM outside the trainer's loop is recorded instead of ending pytest."""
+    """``arm(where, at, signum=SIGTERM, times=1)``: the signal (``times`` times in a row) to
+    this process in the next run when it asks for its ``at``-th batch (``where='batch'``), or
+    after that in the next evaluation (``'eval'``) or right after the next checkpoint save
+    started writing in the background (``'save'``). A SIGTERM outside the trainer's loop is
+    recorded instead of ending pytest."""
     stray = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stray.append(1))
     original_batches = input_pipeline.train_batches
     original_eval_batches = input_pipeline.eval_batches
     original_save = ocp.CheckpointManager.save
 
-    def arm(where: str, at: int = 1) -> None:
+    def arm(where: str, at: int = 1, signum: int = signal.SIGTERM, times: int = 1) -> None:
         armed = []
 
         def fire(here: str) -> None:
             if armed and where == here:
                 armed.clear()
-                signal.raise_signal(signal.SIGTERM)
+                for _ in range(times):
+                    signal.raise_signal(signum)
 
         def train_batches(*args, **kwargs):
             for index, batch in enumerate(original_batches(*args, **kwargs), 1):
@@ -241,6 +243,24 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
         train.train_and_evaluate(_config(), str(workdir))
     step = preempted.value.step
     assert _checkpoint_steps(workdir)[-2:] == [step - 1, step], context
+
+    # Ctrl-C (SIGINT) at a random step: as SIGTERM, but exit code 130.
+    sigterm_to_self("batch", rng.randint(1, 3), signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        main.train_or_exit(_config(), str(workdir))
+    assert stopped.value.code == 128 + signal.SIGINT
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted (SIGINT): checkpoint saved at step "), line
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert _checkpoint_steps(workdir)[-1] == step, context
+
+    # Ctrl-C twice: KeyboardInterrupt at once, after the checkpoint being written completes.
+    complete = _checkpoint_steps(workdir)
+    sigterm_to_self("batch", 1, signal.SIGINT, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(_config(), str(workdir))
+    assert _checkpoint_steps(workdir) == complete
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
     sigterm_to_self("none")
     train.train_and_evaluate(_config(), str(workdir))

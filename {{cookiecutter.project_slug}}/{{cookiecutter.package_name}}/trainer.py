@@ -14,8 +14,9 @@ pure step functions -- and :func:`run` drives it:
 - metrics go to TensorBoard and the console (clu metric writers; only process 0 writes);
 - orbax checkpoints go to ``<workdir>/checkpoints`` every ``checkpoint_every_steps`` and at the
   end, and a rerun resumes from the latest one, data position included;
-- SIGTERM (preemption) finishes the current step, saves a checkpoint and raises :class:`Preempted`;
-  a rerun continues exactly as if never stopped (the checkpoint holds the train state and the
+- SIGTERM (preemption) and a first Ctrl-C (SIGINT) finish the current step, save a checkpoint and
+  raise :class:`Preempted` (a second Ctrl-C stops at once); a rerun continues exactly as if never
+  stopped (the checkpoint holds the train state and the
   metrics accumulated since the last log step; the data depend only on the step);
 - a NaN/Inf loss or gradient is skipped and counted with ``optimizer.skip_nonfinite``, else it
   stops the run with :class:`NonFiniteError` naming its step; no checkpoint holding NaN/Inf is
@@ -134,19 +135,28 @@ class TrainMetrics(metrics.Collection):
 
 
 class Preempted(Exception):  # noqa: N818 -- not an error: the run stopped as asked
-    """Training stopped on SIGTERM after saving a checkpoint at ``step``; rerun to resume.
+    """Training stopped on SIGTERM (or Ctrl-C) after saving a checkpoint at ``step``; rerun to
+    resume.
 
-    ``history`` holds what was logged before stopping. ``main.py`` exits with ``EXIT_CODE``
-    (128 + SIGTERM, what the shell reports for a process SIGTERM ended), so schedulers see a
-    preempted run, not a finished one.
+    ``history`` holds what was logged before stopping. ``main.py`` exits with ``exit_code``
+    (128 + the signal: 143 for SIGTERM, ``EXIT_CODE``, and 130 for SIGINT, what the shell reports
+    for a process the signal ended), so schedulers see a stopped run, not a finished one.
     """
 
-    EXIT_CODE = 143
+    EXIT_CODE = 128 + signal.SIGTERM
 
-    def __init__(self, step: int, history: dict[str, list[tuple[int, float]]]) -> None:
-        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun to resume")
+    def __init__(
+        self,
+        step: int,
+        history: dict[str, list[tuple[int, float]]],
+        signum: int = signal.SIGTERM,
+    ) -> None:
+        what = "preempted" if signum == signal.SIGTERM else "interrupted"
+        name = signal.Signals(signum).name
+        super().__init__(f"{what} ({name}): checkpoint saved at step {step}; rerun to resume")
         self.step = step
         self.history = history
+        self.exit_code = 128 + signum
 
 
 class NonFiniteError(RuntimeError):
@@ -158,30 +168,40 @@ class NonFiniteError(RuntimeError):
 
 
 class _PreemptionNotice:
-    """Turns SIGTERM into a flag the loop reads once per step (a Python bool, no device sync).
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop reads once per step (a
+    Python bool, no device sync); a second Ctrl-C raises ``KeyboardInterrupt`` at once.
 
     With several processes, JAX's preemption service (started by ``jax.distributed``) catches
-    SIGTERM instead, and every process stops at the same step.
+    SIGTERM instead, and every process stops at the same step; Ctrl-C keeps its default there.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum = signal.SIGTERM
+        self._previous: dict[int, Any] = {}
         self._multihost = jax.process_count() > 1
 
     def __enter__(self) -> "_PreemptionNotice":
         if not self._multihost and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._notice)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._notice)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _notice(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
         if not self.requested:
-            logging.warning("SIGTERM: saving a checkpoint after this step, then stopping.")
+            self.signum = signum
+            again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+            logging.warning("%s: saving a checkpoint after this step, then stopping%s.",
+                            signal.Signals(signum).name, again)  # fmt: skip
         self.requested = True
 
     def reached(self, step: int) -> bool:
@@ -607,7 +627,7 @@ def run(
             plot_thread.join()
         writer.close()
     if preempted_at is not None:
-        raise Preempted(preempted_at, dict(history))
+        raise Preempted(preempted_at, dict(history), preemption.signum)
     final = {name: values[-1][1] for name, values in history.items() if name.startswith("eval_")}
     logging.info("Done in %.1f s of training; final %s", time.monotonic() - start, final)
     return dict(history)
