@@ -357,3 +357,29 @@ def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path, text, why):
     line = _one_line(result)
     assert line.startswith(f"config error: cannot load --config={path}: ") and why in line, line
     assert not workdir.exists()
+
+
+def test_resuming_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(tmp_path):
+    def short(steps: int) -> ml_collections.ConfigDict:
+        config = quick.get_config()
+        config.num_train_steps = steps
+        config.optimizer.schedule.warmup_steps = 1
+        return config
+
+    workdir = tmp_path / "run"
+    main.train_or_exit(short(2), str(workdir))
+    before = _snapshot(workdir)
+    changes = {
+        "model.features": ((16, 64), "'state/0/conv_0/bias' is (32,) there, (16,) here"),
+        "optimizer.name": ("lion", "which this config does not"),  # adamw's second moment
+        "optimizer.accumulate_steps": (2, "it has no "),  # MultiSteps' state
+    }
+    for key, (value, why) in changes.items():
+        changed = short(4)
+        changed.update_from_flattened_dict({key: value})
+        with pytest.raises(SystemExit) as exit_info:
+            main.train_or_exit(changed, str(workdir))
+        line = exit_info.value.code
+        assert line.startswith("config error: the checkpoint of step 2 in "), line
+        assert "was written for a different model or optimizer" in line and why in line, line
+        assert _snapshot(workdir) == before, key

@@ -440,6 +440,31 @@ def make_setup(
     )
 
 
+def checkpoint_mismatch(directory: Path, target: Any) -> str | None:
+    """How the arrays saved in ``directory`` differ from ``target``'s (paths and shapes), or
+    ``None`` when they fit (or the checkpoint's metadata cannot be read: restore will tell)."""
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata
+    except Exception:  # noqa: BLE001 -- an unreadable layout is left for restore to report
+        return None
+    metadata = getattr(metadata, "tree", metadata)
+    shape_of = lambda tree: {
+        path: tuple(getattr(leaf, "shape", ()))
+        for path, leaf in zip(masks.path_strings(tree), jax.tree.leaves(tree), strict=True)
+    }
+    stored, wanted = shape_of(metadata), shape_of(target)
+    for path, shape in wanted.items():
+        if path in stored and stored[path] != shape:
+            return f"{path!r} is {stored[path]} there, {shape} here"
+    missing = [p for p in wanted if p not in stored]
+    if missing:
+        return f"it has no {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else "")
+    extra = [p for p in stored if p not in wanted]
+    if extra:
+        return f"it has {extra[0]!r}, which this config does not"
+    return None
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -487,6 +512,14 @@ def run(
         # resumed run logs exactly what an uninterrupted one would.
         saved = dict(state=dp.host_state(state), train_metrics=dp.host_state(empty_train))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
+        mismatch = checkpoint_mismatch(checkpoints.directory / str(latest) / "default", target)
+        if mismatch:
+            checkpoints.close()
+            raise config_errors.ConfigError(
+                f"the checkpoint of step {latest} in {checkpoints.directory} was written for a "
+                f"different model or optimizer ({mismatch}); rerun with the config it was "
+                "trained with, or start afresh with a new --workdir"
+            )
         restored = checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
         state = dp.put_state(restored["state"])
         accumulated = dp.put_state(restored["train_metrics"])
