@@ -119,8 +119,9 @@ def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]
     Every config mistake raises ``ConfigError`` before anything compiles and before anything
     is created or written in ``workdir``; here it becomes one line on stderr,
     ``config error: <what is wrong and what is valid>``, and exit code 1 (``SystemExit``).
-    SIGTERM (preemption) or Ctrl-C saves a checkpoint and exits with code 143 or 130; a NaN/Inf loss without
-    ``optimizer.skip_nonfinite`` exits with code 1 and ``non-finite: ...`` naming the step.
+    SIGTERM (preemption) or Ctrl-C saves a checkpoint and exits with code 143 or 130; a NaN/Inf
+    loss without ``optimizer.skip_nonfinite`` exits with code 1 and ``non-finite: ...`` naming
+    the step.
     """
     from plugins.config_errors import ConfigError
 

@@ -448,17 +448,19 @@ def checkpoint_mismatch(directory: Path, target: Any) -> str | None:
     except Exception:  # noqa: BLE001 -- an unreadable layout is left for restore to report
         return None
     metadata = getattr(metadata, "tree", metadata)
-    shape_of = lambda tree: {
-        path: tuple(getattr(leaf, "shape", ()))
-        for path, leaf in zip(masks.path_strings(tree), jax.tree.leaves(tree), strict=True)
-    }
+
+    def shape_of(tree: Any) -> dict[str, tuple[int, ...]]:
+        leaves = jax.tree.leaves(tree)
+        return {p: tuple(getattr(x, "shape", ())) for p, x in zip(masks.path_strings(tree), leaves)}
+
     stored, wanted = shape_of(metadata), shape_of(target)
     for path, shape in wanted.items():
         if path in stored and stored[path] != shape:
             return f"{path!r} is {stored[path]} there, {shape} here"
     missing = [p for p in wanted if p not in stored]
     if missing:
-        return f"it has no {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else "")
+        more = f" and {len(missing) - 1} more" if missing[1:] else ""
+        return f"it has no {missing[0]!r}{more}"
     extra = [p for p in stored if p not in wanted]
     if extra:
         return f"it has {extra[0]!r}, which this config does not"
