@@ -450,8 +450,8 @@ def checkpoint_mismatch(directory: Path, target: Any) -> str | None:
     metadata = getattr(metadata, "tree", metadata)
 
     def shape_of(tree: Any) -> dict[str, tuple[int, ...]]:
-        leaves = jax.tree.leaves(tree)
-        return {p: tuple(getattr(x, "shape", ())) for p, x in zip(masks.path_strings(tree), leaves)}
+        paths, leaves = masks.path_strings(tree), jax.tree.leaves(tree)
+        return {p: tuple(getattr(x, "shape", ())) for p, x in zip(paths, leaves, strict=True)}
 
     stored, wanted = shape_of(metadata), shape_of(target)
     for path, shape in wanted.items():
