@@ -87,7 +87,10 @@ _EXTRA_ARGS = {
     "sophia": ("obj_fn",),
     "lbfgs": ("value", "grad", "value_fn"),
 }
-_SCHEDULE_FREE = ("schedule_free", "schedule_free_adamw", "schedule_free_sgd")
+# Optimizers whose learning rate must be a number, not a schedule (-> one that takes schedules).
+_FIXED_LR = {"rprop": None, "sm3": None, "optimistic_adam": "optimistic_adam_v2"}
+# Optimizers with a ``warmup_steps`` argument of their own, which needs a fixed learning rate.
+_OWN_WARMUP = ("schedule_free_adamw", "schedule_free_sgd")
 # Kwargs of optax.contrib.muon that configure its AdamW half; we route them to our AdamW part.
 _MUON_ADAM_KWARGS = {
     "adam_b1": "b1",
@@ -302,7 +305,39 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
         mask = _patterns(mask, f"{where}.weight_decay_mask")
     cfg["weight_decay_mask"] = mask
     _check_kwargs(cfg, where)
+    _check_schedule_fits(cfg, where)
     return cfg
+
+
+def _constant_schedule(cfg: Mapping[str, Any]) -> bool:
+    schedule = cfg.get("schedule")
+    if schedule is None or (isinstance(schedule, str) and schedule == "constant"):
+        return True
+    return isinstance(schedule, Mapping) and schedule.get("name") == "constant"
+
+
+def _check_schedule_fits(cfg: dict[str, Any], where: str) -> None:
+    """Optimizers that take a fixed learning rate get no schedule; schedule-free's own
+    ``warmup_steps`` becomes the schedule (a linear warmup from 0, as optax builds it), so the
+    logged learning rate is the one used."""
+    name = cfg["name"]
+    if name in _FIXED_LR and not _constant_schedule(cfg):
+        alternative = _FIXED_LR[name]
+        instead = f" (or use {alternative!r}, which does)" if alternative else ""
+        raise ConfigError(
+            f"optimizer {name!r} takes a fixed learning rate, not a schedule: "
+            f"remove {where}.schedule{instead}"
+        )
+    warmup = cfg["kwargs"].get("warmup_steps") if name in _OWN_WARMUP else None
+    if warmup is not None:
+        if not _constant_schedule(cfg):
+            raise ConfigError(
+                f"{where}.kwargs.warmup_steps and {where}.schedule both shape the learning "
+                f"rate: give one of them (e.g. schedule=dict(name='linear_warmup', "
+                f"warmup_steps={warmup!r}))"
+            )
+        del cfg["kwargs"]["warmup_steps"]
+        cfg["schedule"] = {"name": "linear_warmup", "warmup_steps": warmup, "init_value": 0.0}
 
 
 def _check_kwargs(cfg: dict[str, Any], where: str) -> None:
@@ -453,7 +488,9 @@ def build_optimizer(
     for key in _SUB_OPTIMIZER_ARGS:
         if isinstance(call.get(key), dict):
             call[key] = build_optimizer(call[key], total_steps=total_steps)
-    if "learning_rate" in params:
+    if name in _FIXED_LR:
+        call["learning_rate"] = cfg["learning_rate"] * lr_mult
+    elif "learning_rate" in params:
         call["learning_rate"] = schedule
     wd, mask = cfg["weight_decay"], cfg["weight_decay_mask"]
     wd_arg = next((a for a in ("weight_decay", "weight_decay_rate") if a in params), None)
@@ -642,6 +679,24 @@ def _pure(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
 
 
+def _opt_state(opt_state: PyTree) -> PyTree:
+    """An optax state as pure arrays; an ``nnx.Optimizer`` stands for its ``opt_state``.
+
+    ``nnx.state(optimizer)`` is refused: it turns optax's state tuples into plain mappings, so
+    what they hold (the EMA, the learning rate, the skip count) can no longer be found.
+    """
+    from flax import nnx
+
+    if isinstance(opt_state, nnx.Optimizer):
+        opt_state = opt_state.opt_state
+    elif isinstance(opt_state, nnx.State):
+        raise TypeError(
+            "got an nnx.State (nnx.state(optimizer)?): pass the optimizer or its opt_state "
+            "(optimizer.opt_state) instead, which keep optax's state types"
+        )
+    return _pure(opt_state)
+
+
 def _find(node: Any, kind: type) -> list[Any]:
     """All nodes of type ``kind`` in an optax state, outermost first."""
     if isinstance(node, kind):
@@ -658,7 +713,7 @@ def _find(node: Any, kind: type) -> list[Any]:
 def learning_rate(opt_state: PyTree) -> jax.Array:
     """The learning rate of the last optimizer step (the schedule's value at step 0 before the
     first), read from the state of an optimizer built by :func:`create`."""
-    found = _find(_pure(opt_state), LearningRateState)
+    found = _find(_opt_state(opt_state), LearningRateState)
     if not found:
         raise ValueError("this optimizer state records no learning rate: build it with create()")
     return found[0].learning_rate
@@ -666,7 +721,7 @@ def learning_rate(opt_state: PyTree) -> jax.Array:
 
 def nonfinite_count(opt_state: PyTree) -> jax.Array:
     """Total updates skipped for non-finite gradients (0 when ``skip_nonfinite`` is off)."""
-    found = _find(_pure(opt_state), optax.ApplyIfFiniteState)
+    found = _find(_opt_state(opt_state), optax.ApplyIfFiniteState)
     return found[0].total_notfinite if found else jnp.zeros([], jnp.int32)
 
 
@@ -677,7 +732,7 @@ def keep_if_skipped(opt_state: PyTree, new: PyTree, old: PyTree) -> PyTree:
     For state a train step changes beside the optimizer, such as batch-norm statistics: a
     NaN batch skips its parameter update and must leave those untouched as well.
     """
-    found = _find(_pure(opt_state), optax.ApplyIfFiniteState)
+    found = _find(_opt_state(opt_state), optax.ApplyIfFiniteState)
     if not found:
         return new
     applied = found[0].last_finite
@@ -702,10 +757,12 @@ def eval_params(opt_state: PyTree, params: PyTree) -> PyTree:
     """The parameters to evaluate with: the EMA when ``ema_decay`` is set, schedule-free's
     evaluation point for schedule-free optimizers, else ``params`` unchanged.
 
-    Works on raw optax states and on ``nnx.Optimizer.opt_state``; the result has the structure of
-    ``params`` (pure arrays where ``params`` holds pure arrays).
+    Works on raw optax states, on ``nnx.Optimizer.opt_state`` and on the ``nnx.Optimizer``
+    itself (as do ``learning_rate``, ``nonfinite_count`` and ``keep_if_skipped``; an
+    ``nnx.state(optimizer)`` is a TypeError); the result has the structure of ``params`` (pure
+    arrays where ``params`` holds pure arrays).
     """
-    state = _pure(opt_state)
+    state = _opt_state(opt_state)
     pure_params = _pure(params)
     ema = _find(state, EmaParamsState)
     if ema:

@@ -302,6 +302,18 @@ RECIPES = {
             _labels(p, lambda top, x: "frozen" if top == "backbone" else "train"),
         ),
     ),
+    # Optimizers whose learning rate is a number (optax rejects schedules for them).
+    "rprop": (dict(name="rprop", learning_rate=LR), lambda p: optax.rprop(LR)),
+    "sm3": (dict(name="sm3", learning_rate=LR), lambda p: optax.sm3(LR)),
+    "optimistic_adam": (
+        dict(name="optimistic_adam", learning_rate=LR),
+        lambda p: optax.optimistic_adam(LR),
+    ),
+    # Schedule-free's own warmup argument, as optax.contrib documents it.
+    "schedule_free_own_warmup": (
+        dict(name="schedule_free_adamw", learning_rate=LR, kwargs=dict(warmup_steps=3)),
+        lambda p: optax.contrib.schedule_free_adamw(LR, warmup_steps=3),
+    ),
     "sgd_decoupled_decay": (
         # sgd has no weight-decay argument: plugins adds AdamW-style decoupled decay.
         dict(name="sgd", learning_rate=0.1, weight_decay=0.01, weight_decay_mask="all"),
@@ -420,6 +432,30 @@ def test_learning_rate_is_read_from_state():
     np.testing.assert_allclose(optim.learning_rate(optimizer.opt_state), expected(3), rtol=1e-6)
 
 
+def test_schedule_free_own_warmup_is_the_logged_learning_rate():
+    cfg = dict(name="schedule_free_adamw", learning_rate=LR, kwargs=dict(warmup_steps=4))
+    _, state = run_dict(optim.create(cfg, total_steps=10), _init_params(), _batches(n=2))
+    expected = optax.warmup_constant_schedule(0.0, LR, 4)(1)
+    np.testing.assert_allclose(optim.learning_rate(state), expected, rtol=1e-6)
+
+
+def test_state_readers_take_the_nnx_optimizer_and_refuse_its_nnx_state():
+    cfg = dict(name="adamw", learning_rate=LR, ema_decay=0.5)
+    params, batches = _init_params(), _batches(n=2)
+    got, optimizer = run_nnx(optim.create(cfg, total_steps=10), params, batches)
+    np.testing.assert_allclose(optim.learning_rate(optimizer), LR)
+    assert int(optim.nonfinite_count(optimizer)) == 0
+    params_now = nnx.State(got[-1])
+    ema = optim.eval_params(optimizer, params_now)
+    assert_trees_close(ema, optim.eval_params(optimizer.opt_state, params_now))
+    assert not np.allclose(ema["head"]["kernel"], got[-1]["head"]["kernel"])  # the EMA, not params
+    for read in (optim.learning_rate, optim.nonfinite_count):
+        with pytest.raises(TypeError, match=r"nnx\.state\(optimizer\)\?\): pass the optimizer"):
+            read(nnx.state(optimizer))
+    with pytest.raises(TypeError, match="pass the optimizer or its opt_state"):
+        optim.eval_params(nnx.state(optimizer), params_now)
+
+
 def test_skip_nonfinite_skips_and_counts():
     params = _init_params()
     tx = optim.create(dict(name="adam", learning_rate=LR, skip_nonfinite=True), total_steps=10)
@@ -513,7 +549,9 @@ def test_same_numbers_on_equinox_module():
 # ----------------------------------------------------------------------------- contrib
 
 
-def _contrib_configs():
+def _all_configs():
+    """Every optimizer plugins.optim knows (optax's and optax.contrib's), with the kwargs it
+    needs."""
     sub = dict(name="sgd", learning_rate=LR)
     extra = {
         "dpsgd": dict(l2_norm_clip=1.0, noise_multiplier=0.1, seed=0),
@@ -522,13 +560,20 @@ def _contrib_configs():
         "sam": dict(optimizer=sub, adv_optimizer=dict(name="sgd", learning_rate=0.05)),
         "galore": dict(rank=2),
     }
-    return {name: extra.get(name, {}) for name in dir(optax.contrib) if name in optim.OPTIMIZERS}
+    return {name: extra.get(name, {}) for name in optim.OPTIMIZERS}
 
 
-@pytest.mark.parametrize("name", sorted(_contrib_configs()))
-def test_every_contrib_optimizer_can_be_created_and_stepped(name):
+def test_discovery_finds_optax_and_contrib_optimizers():
+    # The sweep below steps every discovered optimizer: discovery must not shrink unnoticed.
+    for name in ("sgd", "adamw", "rprop", "lbfgs", "muon", "prodigy", "sophia", "sam", "galore"):
+        assert name in optim.OPTIMIZERS, name
+    assert len(optim.OPTIMIZERS) >= 45
+
+
+@pytest.mark.parametrize("name", sorted(_all_configs()))
+def test_every_optimizer_can_be_created_and_stepped(name):
     params = _init_params()
-    kwargs = _contrib_configs()[name]
+    kwargs = _all_configs()[name]
     cfg = dict(name=name, learning_rate=LR, kwargs=kwargs)
     tx = optim.create(cfg, total_steps=10)
     state = tx.init(params)
@@ -541,6 +586,10 @@ def test_every_contrib_optimizer_can_be_created_and_stepped(name):
         extra["value"] = jnp.asarray(1.0)
     if "obj_fn" in args:
         extra["obj_fn"] = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+    if "grad" in args:
+        extra["grad"] = grads
+    if "value_fn" in args:
+        extra["value_fn"] = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
     updates, state = tx.update(grads, state, params, **extra)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
@@ -621,6 +670,19 @@ def test_schedule_free_eval_params_match_optax():
             r"param_groups\[0\]\.lr.*'lr_mult'",
         ),
         (dict(name="schedule_free", learning_rate=1e-3), r"kwargs\.base_optimizer"),
+        (
+            dict(name="rprop", learning_rate=1e-3, schedule=dict(name="cosine")),
+            r"'rprop' takes a fixed learning rate, not a schedule: remove optimizer\.schedule",
+        ),
+        (
+            dict(
+                name="schedule_free_adamw",
+                learning_rate=1e-3,
+                kwargs=dict(warmup_steps=5),
+                schedule=dict(name="linear_warmup", warmup_steps=5),
+            ),
+            r"kwargs\.warmup_steps and optimizer\.schedule both shape the learning rate",
+        ),
         (
             dict(name="adamw", learning_rate=1e-3, freeze={"backbone": "kernel"}),
             r"optimizer\.freeze must be a regex, a list of regexes, a predicate",
