@@ -11,14 +11,38 @@ class ConfigError(ValueError):
     """A bad config value: the message names the key and the nearest valid choices."""
 
 
+# Names users write for a key or choice that has another name here (other libraries' spellings,
+# optax's function names for the schedules).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "lr": ("learning_rate",),
+    "wd": ("weight_decay",),
+    "betas": ("b1", "b2"),
+    "beta1": ("b1",),
+    "beta2": ("b2",),
+    "every_k_schedule": ("accumulate_steps",),
+    "gradient_accumulation_steps": ("accumulate_steps",),
+    "warmup_constant_schedule": ("linear_warmup",),
+    "cosine_onecycle_schedule": ("one_cycle",),
+    "linear_onecycle_schedule": ("one_cycle",),
+}
+# Suffixes of optax's schedule functions: 'cosine_decay_schedule' is 'cosine' here.
+_OPTAX_SUFFIXES = ("_decay_schedule", "_schedules", "_schedule", "_decay")
+
+
 def nearest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
-    """Returns up to ``n`` of ``choices`` closest to ``name`` (best first)."""
+    """Returns up to ``n`` of ``choices`` closest to ``name`` (best first): the same name in
+    another case, a known synonym (:data:`SYNONYMS`), then the closest spellings."""
     choices = sorted(set(choices))
-    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
-    if not close:
-        lowered = name.lower()
-        close = [c for c in choices if lowered in c.lower() or c.lower() in lowered][:n]
-    return close
+    lowered = name.lower()
+    by_lower = {c.lower(): c for c in choices}
+    found = [by_lower[lowered]] if lowered in by_lower else []
+    found += [c for c in SYNONYMS.get(lowered, ()) if c in choices]
+    forms = [lowered[: -len(s)] for s in _OPTAX_SUFFIXES if lowered.endswith(s)] + [lowered]
+    for form in forms:
+        found += difflib.get_close_matches(form, choices, n=n, cutoff=0.5)
+    if not found:
+        found = [c for c in choices if lowered in c.lower() or c.lower() in lowered]
+    return list(dict.fromkeys(found))[:n]
 
 
 def unknown(what: str, key: str, name: Any, choices: Iterable[str]) -> ConfigError:
@@ -27,7 +51,7 @@ def unknown(what: str, key: str, name: Any, choices: Iterable[str]) -> ConfigErr
     choices = sorted(set(choices))
     close = nearest(str(name), choices)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    listing = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", ..."
+    listing = ", ".join(choices) if len(choices) <= 60 else ", ".join(choices[:60]) + ", ..."
     return ConfigError(f"unknown {what} {name!r} at {key}{hint}; valid: {listing}")
 
 

@@ -354,8 +354,8 @@ def _check_kwargs(cfg: dict[str, Any], where: str) -> None:
     if name == "muon":
         valid |= {"adam_learning_rate"}
     for key in kwargs:
-        if key == "learning_rate":
-            raise ConfigError(f"{where}.kwargs.learning_rate: set {where}.learning_rate instead")
+        if key in ("learning_rate", "lr"):
+            raise ConfigError(f"{where}.kwargs.{key}: set {where}.learning_rate instead")
         if key in ("weight_decay", "weight_decay_rate"):
             raise ConfigError(f"{where}.kwargs.{key}: set {where}.weight_decay instead")
         if key in ("mask", "weight_decay_mask") and key in params:

@@ -699,6 +699,36 @@ def test_bad_config_raises_one_clear_error(config, pattern):
         optim.create(config, total_steps=100)
 
 
+@pytest.mark.parametrize(
+    "config, pattern",
+    [
+        # Another case, other libraries' names, optax's function names for schedules.
+        (dict(name="SGD", learning_rate=0.1), r"'SGD' at optimizer\.name \(did you mean 'sgd'"),
+        (dict(name="adam", lr=0.1), r"optimizer\.lr \(did you mean 'learning_rate'"),
+        (dict(name="adam", learning_rate=0.1, kwargs=dict(lr=0.1)), r"set optimizer\.learn"),
+        (
+            dict(name="adam", learning_rate=0.1, kwargs=dict(betas=(0.9, 0.99))),
+            r"kwargs\.betas \(did you mean 'b1', 'b2'",
+        ),
+        (
+            dict(name="adam", learning_rate=0.1, every_k_schedule=4),
+            r"did you mean 'accumulate_steps'",
+        ),
+        (
+            dict(name="adam", learning_rate=0.1, schedule=dict(name="cosine_decay_schedule")),
+            r"did you mean 'cosine'",
+        ),
+        (
+            dict(name="adam", learning_rate=0.1, schedule=dict(name="warmup_constant_schedule")),
+            r"did you mean 'linear_warmup'",
+        ),
+    ],
+)
+def test_mistakes_get_the_name_meant(config, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        optim.create(config, total_steps=100)
+
+
 def test_regex_matching_no_parameter_is_an_error_at_create_and_at_init():
     params = _init_params()
     cfg = dict(name="adam", learning_rate=1e-3, freeze=["backbon/"])
