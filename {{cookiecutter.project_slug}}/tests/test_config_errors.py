@@ -370,7 +370,7 @@ def test_resuming_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(
     main.train_or_exit(short(2), str(workdir))
     before = _snapshot(workdir)
     changes = {
-        "model.features": ((16, 64), "'state/0/conv_0/bias' is (32,) there, (16,) here"),
+        "model.features": ((16, 64), "conv_0/bias' is (32,) there, (16,) here"),
         "optimizer.name": ("lion", "which this config does not"),  # adamw's second moment
         "optimizer.accumulate_steps": (2, "it has no "),  # MultiSteps' state
     }
