@@ -10,6 +10,7 @@ the exit code). The NaN tests feed batches of NaN/Inf images at chosen steps by 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import signal
@@ -298,6 +299,20 @@ def test_nonfinite_batches_are_skipped_counted_and_logged(tmp_path, monkeypatch)
     for step in (10, 20):
         state = _restore(tmp_path, step)
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if x.dtype.kind == "f")
+
+
+def test_a_log_window_of_only_skipped_steps_is_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(
+        input_pipeline, "train_batches", _poisoned(dict.fromkeys(range(6, 11), math.nan))
+    )
+    config = quick.get_config()  # 20 steps, logs every 5
+    config.optimizer.skip_nonfinite = True
+    with caplog.at_level(logging.WARNING):
+        history = train.train_and_evaluate(config, str(tmp_path))
+    assert history["nonfinite_count"] == [(5, 0.0), (10, 5.0), (15, 5.0), (20, 5.0)]
+    assert [step for step, value in history["train_loss"] if math.isnan(value)] == [10]
+    warned = [r.getMessage() for r in caplog.records if "was skipped" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("Every step from 6 to 10 was skipped"), warned
 
 
 def test_nonfinite_batch_leaves_batch_norm_statistics_alone(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ pure step functions -- and :func:`run` drives it:
 import collections
 import dataclasses
 import functools
+import math
 import os
 import signal
 import threading
@@ -600,6 +601,18 @@ def run(
             "--config.optimizer.skip_nonfinite=True",
         )
 
+    def warn_if_all_skipped(step: int, scalars: dict[str, float]) -> None:
+        """Warns when every step since the last log step was skipped as non-finite: the run
+        goes on, but nothing is learnt (the averaged train metrics are NaN: no step counted)."""
+        if skip_nonfinite and math.isnan(scalars.get("train_loss", 0.0)):
+            since = max(history["train_loss"][-1][0] if history["train_loss"] else 0, initial_step)
+            logging.warning(
+                "Every step from %d to %d was skipped: the loss or gradients were NaN/Inf "
+                "(%d skipped so far). Nothing is being learnt; a lower learning rate, "
+                "clip_global_norm or half_precision=False may help.",
+                since + 1, step, int(scalars.get("nonfinite_count", 0)),
+            )  # fmt: skip
+
     def save_checkpoint(step: int, state: Any, accumulated: TrainMetrics) -> None:
         saved = dict(state=dp.host_state(state), train_metrics=dp.host_state(accumulated))
         if not bool(_all_finite(saved)):
@@ -638,6 +651,7 @@ def run(
                     scalars = _scalars(dp.to_host(accumulated))
                     check_finite(step, scalars.pop("first_nonfinite"))
                 if log:
+                    warn_if_all_skipped(step, scalars)
                     write(step, scalars)
                     accumulated = empty_train
                 report(step)
