@@ -74,6 +74,33 @@ def check_keys(config: Mapping[str, Any], valid: Iterable[str], where: str) -> N
             raise unknown("key", f"{where}.{key}", key, valid)
 
 
+def check_option_keys(
+    config: Mapping[str, Any],
+    valid: Iterable[str],
+    where: str,
+    what: str,
+    name: str,
+    choices: Mapping[str, Iterable[str]],
+) -> None:
+    """Like :func:`check_keys` for the options of the ``what`` called ``name``; a key that is an
+    option of another of ``choices`` says so (typically ``--config.<where>.name=...`` switched
+    the name on the command line and kept the old one's options)."""
+    valid = set(valid)
+    for key in config:
+        if key in valid:
+            continue
+        owners = sorted(n for n, options in choices.items() if n != name and key in options)
+        if not owners:
+            raise unknown("key", f"{where}.{key}", key, valid)
+        listing = ", ".join(sorted(valid - {"name"})) or "none"
+        others = ", ".join(repr(o) for o in owners[:3]) + (", ..." if owners[3:] else "")
+        raise ConfigError(
+            f"{where}.{key} is not an option of {what} {name!r} (its options: {listing}) but of "
+            f"{others}; --config.{where}.name=... keeps the config file's other keys, so "
+            f"switch {where} in a config file"
+        )
+
+
 def check_positive_int(value: Any, key: str) -> None:
     """Raises ``ConfigError`` unless ``value`` is an int >= 1 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -115,7 +142,7 @@ def check_named(
     if name not in choices:
         raise unknown(what, f"{where}.name", name, choices)
     options = choices[name]
-    check_keys(cfg, options, where)
+    check_option_keys(cfg, options, where, what, name, choices)
     for key, value in cfg.items():
         if options[key] is not None:
             options[key](value, f"{where}.{key}")

@@ -113,7 +113,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from plugins.config_errors import ConfigError, as_dict, check_keys, unknown
+from plugins.config_errors import ConfigError, as_dict, check_option_keys, unknown
 
 __all__ = ["NAMES", "ALIASES", "create", "curve", "save_plot", "text_plot"]
 
@@ -702,7 +702,8 @@ def _check_name_and_keys(config: dict[str, Any], where: str, extra_keys: tuple[s
     if not isinstance(name, str) or name not in NAMES:
         raise unknown("schedule", f"{where}.name", name, NAMES)
     name = ALIASES.get(name, name)
-    check_keys(config, ("name",) + _KEYS[name] + extra_keys, where)
+    valid = ("name",) + _KEYS[name] + extra_keys
+    check_option_keys(config, valid, where, "schedule", name, _KEYS)
     return name
 
 

@@ -409,6 +409,16 @@ def test_unknown_key_suggests_nearest():
     assert "optimizer.schedule.phases[0].step" in msg and "'steps'" in msg
 
 
+def test_a_key_of_another_schedule_says_so():
+    # What --config.optimizer.schedule.name=cosine leaves behind from warmup_cosine.
+    msg = error(dict(name="cosine", warmup_steps=10, end_value=0.0))
+    assert msg.startswith(
+        "optimizer.schedule.warmup_steps is not an option of schedule 'cosine' "
+        "(its options: alpha, decay_steps, end_value, exponent) but of 'linear_warmup',"
+    ), msg
+    assert "switch optimizer.schedule in a config file" in msg
+
+
 def test_missing_name_and_required_keys():
     assert "optimizer.schedule.name" in error(dict(warmup_steps=10))
     assert "optimizer.schedule.warmup_steps" in error(dict(name="linear_warmup"))

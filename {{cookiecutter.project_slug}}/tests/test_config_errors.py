@@ -180,6 +180,13 @@ CASES = [
     (from_override, "model.dense", -3, "model.dense must be an int >= 1, got -3"),
     (
         from_override,
+        "model.name",
+        "resnet",
+        "model.dense is not an option of model 'resnet' (its options: num_filters, "
+        "stage_sizes) but of 'cnn'",
+    ),
+    (
+        from_override,
         "model.features",
         (32, 0),
         "model.features must be a non-empty tuple of ints >= 1",
