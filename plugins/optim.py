@@ -290,6 +290,15 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
     if "name" not in cfg:
         raise ConfigError(f"{where}.name is required (e.g. 'adamw')")
     name = cfg["name"]
+    if isinstance(name, str) and name not in OPTIMIZERS:
+        modules = {"optax": optax, "optax.contrib": optax.contrib}
+        module = next((m for m, mod in modules.items() if hasattr(mod, name)), None)
+        if module is not None:
+            raise ConfigError(
+                f"{where}.name: {module}.{name} is not an optimizer that takes a learning rate "
+                "(a transform or wrapper); chain it with the optimizer create() returns, e.g. "
+                f"optax.chain(optim.create(...), {module}.{name}(...))"
+            )
     if not isinstance(name, str) or name not in OPTIMIZERS:
         raise unknown("optimizer", f"{where}.name", name, OPTIMIZERS)
     if parent is not None and "learning_rate" not in cfg:

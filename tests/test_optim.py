@@ -705,6 +705,11 @@ def test_bad_config_raises_one_clear_error(config, pattern):
         # Another case, other libraries' names, optax's function names for schedules.
         (dict(name="SGD", learning_rate=0.1), r"'SGD' at optimizer\.name \(did you mean 'sgd'"),
         (dict(name="adam", lr=0.1), r"optimizer\.lr \(did you mean 'learning_rate'"),
+        (
+            dict(name="split_real_and_imaginary", learning_rate=0.1),
+            r"optax\.contrib\.split_real_and_imaginary is not an optimizer that takes a learning",
+        ),
+        (dict(name="scale_by_adam", learning_rate=0.1), r"chain it with the optimizer create"),
         (dict(name="adam", learning_rate=0.1, kwargs=dict(lr=0.1)), r"set optimizer\.learn"),
         (
             dict(name="adam", learning_rate=0.1, kwargs=dict(betas=(0.9, 0.99))),
