@@ -246,8 +246,9 @@ def check_patterns_match(tree: PyTree, patterns: Patterns, where: str) -> None:
     mask_tree = _mask_tree_of(patterns, tree, where)
     if mask_tree is not None:
         given = path_strings(mask_tree)
-        missing = [p for p in paths if p not in set(given)]
-        extra = [p for p in given if p not in set(paths)]
+        known, selected = set(paths), set(given)
+        missing = [p for p in paths if p not in selected]
+        extra = [p for p in given if p not in known]
         if missing or extra:
             raise ConfigError(
                 f"{where}: the mask tree's paths are not the parameters': "
@@ -298,16 +299,19 @@ def decay_mask(tree: PyTree, spec: Patterns = "matrices") -> PyTree:
     return match(tree, decay_predicate(spec, tree=tree))
 
 
-def _is_name(spec: Any, name: str) -> bool:
+def is_named(spec: Any, name: str) -> bool:
+    """Whether a weight-decay mask spec is the named one (``'all'``, ``'matrices'``); a bool
+    tree is never equal to a name (and must not be compared with ``==``: arrays compare
+    elementwise)."""
     return isinstance(spec, str) and spec == name
 
 
 def decay_predicate(spec: Patterns = "matrices", *, tree: PyTree = None) -> Predicate:
     """The predicate ``(path, leaf) -> bool`` of a weight-decay mask spec (see ``decay_mask``);
     ``tree`` is needed only by a mask function."""
-    if _is_name(spec, "all"):
+    if is_named(spec, "all"):
         return lambda path, leaf: True
-    if _is_name(spec, "matrices"):
+    if is_named(spec, "matrices"):
         return is_matrix
     return as_predicate(spec, "weight_decay_mask", tree=tree)
 

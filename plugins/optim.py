@@ -268,11 +268,6 @@ def _patterns(value: Any, where: str) -> masks.Patterns:
     return value
 
 
-def _is(spec: Any, name: str) -> bool:
-    """``spec == name`` for a weight-decay mask spec that may be a tree."""
-    return isinstance(spec, str) and spec == name
-
-
 def _given(selection: masks.Patterns) -> bool:
     """Whether a checked selection selects anything at all (``[]``: nothing)."""
     return not (isinstance(selection, list) and not selection)
@@ -280,7 +275,7 @@ def _given(selection: masks.Patterns) -> bool:
 
 def _selects(mask: Any) -> bool:
     """Whether a checked weight-decay mask is a selection (not ``'all'``/``'matrices'``)."""
-    return not (_is(mask, "all") or _is(mask, "matrices"))
+    return not (masks.is_named(mask, "all") or masks.is_named(mask, "matrices"))
 
 
 def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -> dict[str, Any]:
@@ -310,7 +305,7 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
     cfg["kwargs"] = as_dict(cfg.get("kwargs"))
     cfg["weight_decay"] = _number(cfg, "weight_decay", where, positive=False, allow_none=True)
     mask = cfg.get("weight_decay_mask", "matrices")
-    if not (_is(mask, "all") or _is(mask, "matrices")):
+    if not (masks.is_named(mask, "all") or masks.is_named(mask, "matrices")):
         mask = _patterns(mask, f"{where}.weight_decay_mask")
     cfg["weight_decay_mask"] = mask
     _check_kwargs(cfg, where)
@@ -477,7 +472,7 @@ def _scaled(schedule: optax.Schedule, mult: float) -> optax.Schedule:
 
 
 def _mask_fn(spec: Any) -> Callable[[PyTree], PyTree] | None:
-    return None if _is(spec, "all") else masks.decay_mask_fn(spec)
+    return None if masks.is_named(spec, "all") else masks.decay_mask_fn(spec)
 
 
 def build_optimizer(
@@ -506,15 +501,15 @@ def build_optimizer(
     mask_arg = next((a for a in ("mask", "weight_decay_mask") if a in params), None)
     external_decay = None
     if wd is not None:
-        if wd_arg and (mask_arg or _is(mask, "all")):
+        if wd_arg and (mask_arg or masks.is_named(mask, "all")):
             call[wd_arg] = wd
-            if mask_arg and not _is(mask, "all"):
+            if mask_arg and not masks.is_named(mask, "all"):
                 call[mask_arg] = _mask_fn(mask)
         else:
             if wd_arg:
                 call[wd_arg] = 0.0
             external_decay = decoupled_weight_decay(wd, schedule)
-            if not _is(mask, "all"):
+            if not masks.is_named(mask, "all"):
                 external_decay = optax.masked(external_decay, _mask_fn(mask))
     tx = fn(**call)
     if external_decay is not None and wd:
@@ -533,7 +528,7 @@ def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformatio
     wd, mask = cfg["weight_decay"], cfg["weight_decay_mask"]
     if wd is not None:
         kwargs["weight_decay"] = wd
-        if not _is(mask, "all"):
+        if not masks.is_named(mask, "all"):
             kwargs["weight_decay_mask"] = _mask_fn(mask)
         adam_kwargs.setdefault("weight_decay", wd)
     # The AdamW half is the one optax.contrib.muon builds: its defaults, Muon's eps, mu_dtype
@@ -543,7 +538,7 @@ def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformatio
         adam_kwargs.setdefault(theirs, defaults[ours])
     for shared in ("eps", "mu_dtype", "nesterov"):
         adam_kwargs[shared] = kwargs.get(shared, defaults[shared])
-    if adam_kwargs["weight_decay"] and not _is(mask, "all"):
+    if adam_kwargs["weight_decay"] and not masks.is_named(mask, "all"):
         adam_kwargs["mask"] = _mask_fn(mask)
     muon = optax.contrib.muon(learning_rate=schedule, **kwargs)
     adamw = optax.adamw(learning_rate=adam_schedule, **adam_kwargs)
