@@ -52,7 +52,7 @@ def unknown(what: str, key: str, name: Any, choices: Iterable[str]) -> ConfigErr
     close = nearest(str(name), choices)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     listing = ", ".join(choices) if len(choices) <= 60 else ", ".join(choices[:60]) + ", ..."
-    return ConfigError(f"unknown {what} {name!r} at {key}{hint}; valid: {listing}")
+    return ConfigError(f"unknown {what} {name!r} at {key}{hint}; valid: {listing or 'none'}")
 
 
 def as_dict(config: Any) -> dict[str, Any]:

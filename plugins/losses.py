@@ -7,9 +7,11 @@
   its shape (a sequence of tokens, an image of pixels, a vector of outputs);
 - without ``weights`` the result is the plain mean over the batch; with ``weights`` of shape
   ``(B,)`` (per-example weights, or a 0/1 / boolean mask such as an eval batch's ``mask``) it is
-  ``sum(w * loss) / max(sum(w), tiny)``, the weighted mean over the real examples. Padding
-  examples with weight 0 never contribute, not even a NaN. Weights with more axes than ``(B,)``
-  (e.g. a per-token mask ``(B, T)``) weight the per-position losses directly.
+  ``sum(w * loss) / max(sum(w), tiny)``, the weighted mean over the real examples (a ``(B, 1)``
+  mask, as ``mask[:, None]`` makes it, counts as ``(B,)``). Padding examples with weight 0 never
+  contribute to the value, not even a NaN; their gradient is 0 unless their loss itself is
+  non-finite (infinite logits), when it is NaN as ``jnp.where``'s always is. Weights with more
+  axes than ``(B,)`` (e.g. a per-token mask ``(B, T)``) weight the per-position losses directly.
 
 Predictions in half precision are upcast to float32 before the loss.
 
@@ -38,11 +40,13 @@ naming it and the nearest valid choices.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from plugins import config_errors
@@ -105,6 +109,8 @@ def _weighted_mean(loss: jax.Array, weights: Any | None) -> jax.Array:
     if weights is None:
         return jnp.mean(loss)
     weights = jnp.asarray(weights)
+    if weights.ndim > 1 and weights.shape == (loss.shape[0],) + (1,) * (weights.ndim - 1):
+        weights = weights.reshape(loss.shape[0])  # a (B, 1) mask, as mask[:, None] makes it
     if weights.ndim == 1:
         if weights.shape[0] != loss.shape[0]:
             raise ValueError(
@@ -113,7 +119,10 @@ def _weighted_mean(loss: jax.Array, weights: Any | None) -> jax.Array:
         loss = jnp.mean(loss, axis=tuple(range(1, loss.ndim)))
     else:
         try:
-            jnp.broadcast_shapes(weights.shape, loss.shape)
+            if weights.ndim > loss.ndim or jnp.broadcast_shapes(weights.shape, loss.shape) != (
+                loss.shape
+            ):
+                raise ValueError
         except ValueError:
             raise ValueError(
                 f"weights of shape {weights.shape} fit neither the batch ({loss.shape[0]},) "
@@ -163,11 +172,14 @@ def _cosine_distance(epsilon: float) -> Callable:
     return unreduced
 
 
-def _check_number(name: str, key: str, value: Any, *, low: float, high: float | None = None):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
-    ok = ok and (high is None or value < high)
+def _check_number(
+    name: str, key: str, value: Any, *, low: float, high: float | None = None, closed: bool = False
+):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    ok = ok and value >= low
+    ok = ok and (high is None or value < high or (closed and value == high))
     if not ok:
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        bound = f">= {low}" if high is None else f"in [{low}, {high}{']' if closed else ')'}"
         raise config_errors.ConfigError(
             f"loss.{key} for {name!r} must be a number {bound}, got {value!r}"
         )
@@ -207,7 +219,7 @@ def create(loss_config: Mapping[str, Any] | Any) -> LossFn:
         unreduced = _elementwise(name, optax.losses.sigmoid_binary_cross_entropy)
     elif name == "sigmoid_focal_loss":
         if options["alpha"] is not None:
-            _check_number(name, "alpha", options["alpha"], low=0.0, high=1.0 + 1e-9)
+            _check_number(name, "alpha", options["alpha"], low=0.0, high=1.0, closed=True)
         _check_number(name, "gamma", options["gamma"], low=0.0)
         unreduced = _elementwise(
             name, optax.losses.sigmoid_focal_loss, alpha=options["alpha"], gamma=options["gamma"]
@@ -277,7 +289,7 @@ def top_k_accuracy(logits: Any, labels: Any, k: int, weights: Any | None = None)
     """
     logits = jnp.asarray(logits)
     num_classes = logits.shape[-1]
-    if not isinstance(k, int) or not 1 <= k <= num_classes:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= num_classes:
         raise ValueError(f"top_k_accuracy: k must be an int in [1, {num_classes}], got {k!r}")
     _, top = jax.lax.top_k(logits, k)
     ids = _labels_as_ids(logits, labels)

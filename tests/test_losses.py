@@ -132,6 +132,28 @@ def test_mask_ignores_nan_padding_and_all_zero_mask(rng):
     assert float(fn(preds, targets, weights=np.zeros(B))) == 0.0
 
 
+def test_a_column_mask_counts_as_a_batch_mask(rng):
+    # mask[:, None] is a common habit; it weights examples as the (B,) mask does.
+    preds = rng.normal(size=(B, 3)).astype(np.float32)
+    targets = rng.normal(size=(B, 3)).astype(np.float32)
+    fn = losses.create(dict(name="huber"))
+    np.testing.assert_allclose(
+        fn(preds, targets, weights=MASK[:, None]), fn(preds, targets, weights=MASK), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"weights of shape \(4, 2\) fit neither the batch"):
+        fn(preds[:4], targets[:4], weights=np.ones((4, 2)))
+
+
+def test_numpy_numbers_are_numbers(rng):
+    fn = losses.create(dict(name="softmax_cross_entropy", label_smoothing=np.float32(0.1)))
+    logits, labels = rng.normal(size=(B, C)), rng.integers(0, C, size=B)
+    assert np.isfinite(fn(logits, labels))
+    assert 0 <= float(losses.top_k_accuracy(logits, labels, np.int64(2))) <= 1
+    losses.create(dict(name="sigmoid_focal_loss", alpha=1.0))  # alpha's bound is closed
+    with pytest.raises(config_errors.ConfigError, match=r"alpha .* in \[0.0, 1.0\], got 1.5"):
+        losses.create(dict(name="sigmoid_focal_loss", alpha=1.5))
+
+
 def test_losses_jit_and_grad(rng):
     logits = jnp.asarray(rng.normal(size=(B, C)), jnp.bfloat16)
     labels = jnp.asarray(rng.integers(0, C, size=B))
