@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import itertools
+import math
 import os
 import re
 import zlib
@@ -131,7 +133,9 @@ def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTr
 
     def _local(x):
         if isinstance(x, jax.Array):
-            return x.addressable_data(0) if not x.is_fully_addressable else x
+            x = x.addressable_data(0) if not x.is_fully_addressable else x
+            # One device for every device leaf, so that one program can take them all.
+            return x if x.sharding.device_set == {devices[0]} else jax.device_put(x, devices[0])
         return np.asarray(x)
 
     leaves, treedef = jax.tree.flatten(jax.tree.map(_local, tree))
@@ -256,6 +260,8 @@ def prefetch_to_device(
     Yields:
       The same pytrees with every leaf a ``jax.Array`` sharded over ``devices``.
     """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"prefetch_to_device: size must be an int >= 1, got {size!r}")
     devices = _local_devices(devices)
     sharding = _pmap_sharding(devices)
     queue: collections.deque = collections.deque()
@@ -307,14 +313,16 @@ def pmap(
     each process's host-local arrays into global ones and back.
 
     Args:
-      fn: the per-device function; positional arguments only.
+      fn: the per-device function. Keyword arguments are mapped too (bound to their
+        positions), as ``jax.pmap`` maps them.
       axis_name: the name ``fn``'s collectives use.
       donate_argnums: positions whose buffers the outputs may reuse.
       devices: default ``jax.local_devices()``.
 
     Returns:
-      A jitted function (``.lower`` works) of arrays with the leading device axis. An argument
-      whose leading axis is not ``len(devices)`` raises ``ValueError`` when it is traced.
+      A function of arrays with the leading device axis (``.lower``, ``.trace`` and
+      ``.eval_shape`` work as on a jitted one). An argument whose leading axis is not
+      ``len(devices)`` raises ``ValueError`` saying so.
     """
     if jax.process_count() > 1:
         return jax.pmap(fn, axis_name, donate_argnums=donate_argnums, devices=devices)
@@ -335,12 +343,60 @@ def pmap(
         return lifted(*blocks)
 
     placed = NamedSharding(mesh, spec)
-    return jax.jit(
+    compiled = jax.jit(
         jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False),
         donate_argnums=donate_argnums,
         in_shardings=placed,
         out_shardings=placed,
     )
+    signature = _signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:  # mapped like positional ones, as jax.pmap maps them
+            args = _as_positional(signature, args, kwargs)
+        try:
+            return compiled(*args)
+        except ValueError:
+            _check_leading_axis(args, len(devices))  # the clear error, if that was the cause
+            raise
+
+    call.lower = compiled.lower  # type: ignore[attr-defined]
+    call.trace = compiled.trace  # type: ignore[attr-defined]
+    call.eval_shape = compiled.eval_shape  # type: ignore[attr-defined]
+    return call
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_positional(
+    signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    """``args`` and ``kwargs`` as positional arguments of the function ``signature`` is of."""
+    bound = signature.bind(*args, **kwargs) if signature is not None else None
+    if bound is None or bound.kwargs:
+        names = ", ".join(kwargs)
+        raise TypeError(
+            f"sharding.pmap: cannot pass {names} by keyword to this function (keyword-only or "
+            "**kwargs parameters); pass them positionally"
+        )
+    return bound.args
+
+
+def _check_leading_axis(args: tuple[Any, ...], n: int) -> None:
+    """Raises the clear ``ValueError`` when a leaf of ``args`` has no leading axis of ``n``."""
+    for leaf in jax.tree.leaves(args):
+        shape = jnp.shape(leaf)
+        if shape[:1] != (n,):
+            raise ValueError(
+                f"sharding.pmap: every argument needs a leading axis of {n} (one slice per "
+                f"device); got one of shape {shape}"
+            ) from None
 
 
 def pad_shard_unpad(
@@ -429,6 +485,28 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _leading_parts(sharding: Sharding) -> int | None:
+    """How many pieces a ``NamedSharding`` cuts the leading axis into (``None``: another kind
+    of sharding, left to JAX to check)."""
+    if not isinstance(sharding, NamedSharding):
+        return None
+    first = sharding.spec[0] if len(sharding.spec) else None
+    names = () if first is None else (first if isinstance(first, tuple) else (first,))
+    return math.prod(sharding.mesh.shape[name] for name in names)
+
+
+def _local_leading_parts(sharding: NamedSharding, parts: int) -> int:
+    """How many of those pieces this process's devices hold."""
+    shape = (parts,) + (sharding.mesh.size,) * (max(len(sharding.spec), 1) - 1)
+    here = jax.process_index()
+    starts = {
+        index[0].start or 0
+        for device, index in sharding.devices_indices_map(shape).items()
+        if device.process_index == here
+    }
+    return len(starts)
+
+
 def _process_devices(mesh: Mesh) -> tuple[int, int]:
     """(this process's devices in ``mesh``, number of processes in ``mesh``)."""
     flat = list(mesh.devices.flat)
@@ -473,12 +551,18 @@ def global_batch(
         raise ValueError(
             f"global_batch: process {jax.process_index()} has no device in the mesh {mesh}"
         )
-    if b % local_devices:
+    parts = _leading_parts(sharding)
+    local_parts = _local_leading_parts(sharding, parts) if parts else 0
+    if local_parts and b % local_parts:
+        across = (
+            f"the {mesh.size} devices of the mesh"
+            if parts == mesh.size
+            else f"the {parts} parts its sharding cuts the batch axis into"
+        )
         raise ValueError(
             f"global_batch: the global batch of {b * processes} ({processes} process(es) x {b} "
-            f"per process) does not divide over the {mesh.size} devices of the mesh: the "
-            f"per-process batch must be a multiple of this process's {local_devices} devices "
-            f"(global batch a multiple of {mesh.size})"
+            f"per process) does not divide over {across}: the per-process batch must be a "
+            f"multiple of {local_parts} (global batch a multiple of {parts})"
         )
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch

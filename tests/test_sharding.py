@@ -196,6 +196,38 @@ def test_replicate_unreplicate_round_trip():
     assert two["a"].shape == (2, 2, 3)
 
 
+def test_replicate_takes_leaves_placed_on_different_devices():
+    mesh = sharding.data_mesh()
+    tree = {
+        "params": sharding.place_replicated(jnp.arange(2.0), mesh),
+        "count": jax.device_put(jnp.ones(3), jax.devices()[1]),
+        "host": np.float32(2.0),
+    }
+    rep = sharding.replicate(tree)
+    for name, shape in (("params", (N, 2)), ("count", (N, 3)), ("host", (N,))):
+        assert rep[name].shape == shape
+        assert {s.device for s in rep[name].addressable_shards} == set(jax.local_devices())
+    np.testing.assert_array_equal(sharding.unreplicate(rep)["params"], np.arange(2.0))
+
+
+def test_prefetch_size_must_be_positive():
+    with pytest.raises(ValueError, match="size must be an int >= 1, got 0"):
+        next(sharding.prefetch_to_device(iter([]), size=0))
+
+
+def test_pmap_maps_keyword_arguments_and_names_a_wrong_leading_axis():
+    step = sharding.pmap(lambda state, batch: state * 2 + batch, "batch")
+    x, y = jnp.ones((N, 2)), jnp.arange(2.0 * N).reshape(N, 2)
+    expected = jax.pmap(lambda state, batch: state * 2 + batch, "batch")(x, y)
+    np.testing.assert_array_equal(step(state=x, batch=y), expected)
+    np.testing.assert_array_equal(step(x, batch=y), expected)
+    for rows in (12, 16):  # not a multiple of the devices, and one
+        with pytest.raises(ValueError, match=rf"leading axis of {N} .* shape \({rows}, 2\)"):
+            step(jnp.ones((rows, 2)), jnp.ones((rows, 2)))
+    with pytest.raises(TypeError, match="pass them positionally"):
+        sharding.pmap(lambda *xs, scale: xs[0] * scale, "batch")(x, scale=y)
+
+
 def test_global_replicated_keeps_the_copies_and_round_trips():
     """pmap-replicated leaves (scalars too) become global arrays replicated over every device,
     with the values of ``unreplicate``; ``replicate`` takes them back."""
@@ -282,6 +314,22 @@ def test_pad_shard_unpad_uneven_batch():
     assert int(counted(x, np.ones(13, bool))[0]) == 13
     with pytest.raises(ValueError, match="leaves disagree"):
         wrapped(w, {"a": x, "b": x[:5]})
+
+
+def test_global_batch_divides_by_what_the_given_sharding_splits():
+    # The batch axis over 'data' only of a ('data', 'model') mesh (FSDP-style), or replicated.
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, N // 2), ("data", "model"))
+    over_data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    placed = sharding.global_batch(mesh, {"x": x}, sharding=over_data)["x"]
+    assert placed.sharding == over_data and placed.shape == (6, 2)
+    np.testing.assert_array_equal(placed, x)
+    replicated = sharding.global_batch(
+        mesh, {"x": x[:3]}, sharding=sharding.replicated_sharding(mesh)
+    )
+    np.testing.assert_array_equal(replicated["x"], x[:3])
+    with pytest.raises(ValueError, match=r"does not divide over the 2 parts its sharding cuts"):
+        sharding.global_batch(mesh, {"x": x[:3]}, sharding=over_data)
 
 
 def test_data_mesh_global_batch_and_errors():
