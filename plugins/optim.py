@@ -787,17 +787,17 @@ def eval_params(opt_state: PyTree, params: PyTree) -> PyTree:
 
 
 def _describe(
-    cfg: dict[str, Any], leaf_path: masks.Path, leaf: Any, params: PyTree
+    cfg: dict[str, Any], leaf_path: masks.Path, leaf: Any, decays: masks.Predicate
 ) -> tuple[str, str]:
-    """(transform name, weight decay) for one parameter of one group's optimizer config."""
+    """(transform name, weight decay) for one parameter of one group's optimizer config, whose
+    weight-decay mask is ``decays``."""
     name = cfg["name"]
     if name == "muon":
         name = "muon" if masks.is_2d_non_embedding(leaf_path, leaf) else "adamw"
     wd = cfg["weight_decay"]
     if wd is None:
         return name, "default"
-    decays = masks.decay_predicate(cfg["weight_decay_mask"], tree=params)(leaf_path, leaf)
-    return name, f"{wd:g}" if decays else "0"
+    return name, f"{wd:g}" if decays(leaf_path, leaf) else "0"
 
 
 def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
@@ -807,8 +807,12 @@ def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
     tx = create(optimizer_config, total_steps=total_steps, params=params)
     groups = groups_of(cfg)
     frozen = masks.as_predicate(cfg["freeze"], tree=params) if _given(cfg["freeze"]) else None
+    # Each selection once: a mask function is evaluated on the whole tree.
     matches = {
         g.label: masks.as_predicate(g.match, tree=params) for g in groups if g.match is not None
+    }
+    decays = {
+        g.label: masks.decay_predicate(g.config["weight_decay_mask"], tree=params) for g in groups
     }
     rows = []
     for path, leaf in zip(masks.leaf_paths(params), jax.tree.leaves(params), strict=True):
@@ -818,7 +822,7 @@ def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
             rows.append((str(path), str(shape), size, "-", "-", "-", "yes", "frozen"))
             continue
         group = next(g for g in groups if g.match is None or matches[g.label](path, leaf))
-        transform, wd = _describe(group.config, path, leaf, params)
+        transform, wd = _describe(group.config, path, leaf, decays[group.label])
         rows.append(
             (str(path), str(shape), size, group.label, f"{group.lr_mult:g}", wd, "no", transform)
         )

@@ -244,3 +244,24 @@ def test_summary_table_and_state_totals():
     values = int(re.search(r"optimizer state: ([\d,]+) values", adam_table)[1].replace(",", ""))
     assert 2 * n <= values <= 2 * n + 4  # mu and nu, plus a few scalar step counters
     assert re.search(r"= 2\.0\dx the parameters", adam_table)
+
+
+def test_summary_evaluates_a_mask_function_per_tree_not_per_parameter():
+    calls = []
+
+    def kernels(params):
+        calls.append(1)
+        return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in str(path), params)
+
+    def count(layers: int) -> int:
+        params = {f"l{i}": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)} for i in range(layers)}
+        cfg = dict(name="adamw", learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=kernels)
+        calls.clear()
+        rows = [
+            re.split(r"\s{2,}", r) for r in masks.summary(params, cfg, total_steps=10).split("\n")
+        ]
+        decay = {row[0]: row[5] for row in rows[2 : 2 + 2 * layers]}
+        assert decay["l0/kernel"] == "0.1" and decay["l0/bias"] == "0", decay
+        return len(calls)
+
+    assert count(5) == count(20)
