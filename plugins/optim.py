@@ -305,7 +305,7 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
     cfg["kwargs"] = as_dict(cfg.get("kwargs"))
     cfg["weight_decay"] = _number(cfg, "weight_decay", where, positive=False, allow_none=True)
     mask = cfg.get("weight_decay_mask", "matrices")
-    if not (masks.is_named(mask, "all") or masks.is_named(mask, "matrices")):
+    if _selects(mask):
         mask = _patterns(mask, f"{where}.weight_decay_mask")
     cfg["weight_decay_mask"] = mask
     _check_kwargs(cfg, where)

@@ -334,12 +334,9 @@ def pmap(
     @functools.wraps(fn)
     def per_device(*blocks: Any) -> Any:
         for leaf in jax.tree.leaves(blocks):
-            if jnp.shape(leaf)[:1] != (1,):
-                raise ValueError(
-                    f"sharding.pmap: every argument needs a leading axis of {len(devices)} (one "
-                    f"slice per device); got one of shape "
-                    f"{(len(devices) * jnp.shape(leaf)[0], *jnp.shape(leaf)[1:])}"
-                )
+            block = jnp.shape(leaf)
+            if block[:1] != (1,):  # when traced through .lower(), which skips call's check
+                raise _leading_axis_error(len(devices), (len(devices) * block[0], *block[1:]))
         return lifted(*blocks)
 
     placed = NamedSharding(mesh, spec)
@@ -388,15 +385,19 @@ def _as_positional(
     return bound.args
 
 
+def _leading_axis_error(n: int, shape: tuple[int, ...]) -> ValueError:
+    return ValueError(
+        f"sharding.pmap: every argument needs a leading axis of {n} (one slice per device); "
+        f"got one of shape {tuple(shape)}"
+    )
+
+
 def _check_leading_axis(args: tuple[Any, ...], n: int) -> None:
     """Raises the clear ``ValueError`` when a leaf of ``args`` has no leading axis of ``n``."""
     for leaf in jax.tree.leaves(args):
         shape = jnp.shape(leaf)
         if shape[:1] != (n,):
-            raise ValueError(
-                f"sharding.pmap: every argument needs a leading axis of {n} (one slice per "
-                f"device); got one of shape {shape}"
-            ) from None
+            raise _leading_axis_error(n, shape) from None
 
 
 def pad_shard_unpad(
