@@ -99,7 +99,9 @@ _MUON_ADAM_KWARGS = {
     "adam_weight_decay": "weight_decay",
 }
 # Other names users write for an optimizer's kwargs (seed documents; older optax versions).
-_KWARG_ALIASES = {"muon": {"momentum": "beta"}}
+_KWARG_ALIASES = {"muon": {"momentum": "beta"}, "noisy_sgd": {"seed": "key"}}
+# Kwargs optax warns about when left unset, set here to the value optax falls back to.
+_KWARG_DEFAULTS = {"noisy_sgd": {"key": 0}}
 _MAX_CONSECUTIVE_NONFINITE = 2**31 - 1  # skip forever; the count is what gets reported
 
 
@@ -488,7 +490,7 @@ def build_optimizer(
         return _muon(cfg, schedule, total_steps=total_steps, lr_mult=lr_mult)
     fn = OPTIMIZERS[name]
     params = inspect.signature(fn).parameters
-    call = dict(cfg["kwargs"])
+    call = {**_KWARG_DEFAULTS.get(name, {}), **cfg["kwargs"]}
     for key in _SUB_OPTIMIZER_ARGS:
         if isinstance(call.get(key), dict):
             call[key] = build_optimizer(call[key], total_steps=total_steps)

@@ -7,6 +7,8 @@ compared with the hand-written optax chain on the same params dict.
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -593,6 +595,26 @@ def test_every_optimizer_can_be_created_and_stepped(name):
     updates, state = tx.update(grads, state, params, **extra)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+
+def test_noisy_sgd_without_a_key_uses_optax_fallback_silently():
+    # optax warns when noisy_sgd gets no key and then uses key 0; the config gives 0 itself.
+    # optax's deprecated ``seed`` is read as ``key``.
+    params = _init_params()
+    batches = _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = optim.create(dict(name="noisy_sgd", learning_rate=LR), total_steps=10)
+        seeded = optim.create(
+            dict(name="noisy_sgd", learning_rate=LR, kwargs=dict(seed=3)), total_steps=10
+        )
+        got_default, _ = run_dict(default, params, batches)
+        got_seeded, _ = run_dict(seeded, params, batches)
+    expected_default, _ = run_dict(optax.noisy_sgd(LR, key=0), params, batches)
+    expected_seeded, _ = run_dict(optax.noisy_sgd(LR, key=3), params, batches)
+    assert_trees_close(got_default[-1], expected_default[-1])
+    assert_trees_close(got_seeded[-1], expected_seeded[-1])
+    assert not np.allclose(got_default[-1]["head"]["kernel"], got_seeded[-1]["head"]["kernel"])
 
 
 def test_optimizers_needing_more_than_grads_say_so():
