@@ -429,8 +429,9 @@ def pad_shard_unpad(
     @functools.wraps(fn)
     def wrapper(*args, min_device_batch: int | None = None, **kwargs):
         n = jax.local_device_count()
-        dynamic = [a for i, a in enumerate(args) if i not in static_argnums]
-        dynamic += [v for k, v in kwargs.items() if k not in static_argnames]
+        # Named by position and keyword, so an error points at the argument the caller wrote.
+        dynamic = {f"args[{i}]": a for i, a in enumerate(args) if i not in static_argnums}
+        dynamic |= {k: v for k, v in kwargs.items() if k not in static_argnames}
         b = _batch_size(dynamic, "pad_shard_unpad")
         per_device = max(-(-b // n), min_device_batch or 0)
 

@@ -312,8 +312,11 @@ def test_pad_shard_unpad_uneven_batch():
         jax.pmap(count, axis_name="d"), static_argnums=(), static_return=True
     )
     assert int(counted(x, np.ones(13, bool))[0]) == 13
-    with pytest.raises(ValueError, match="leaves disagree"):
+    # Errors name arguments as the caller wrote them: by position among all, or by keyword.
+    with pytest.raises(ValueError, match=r"disagree .*'args\[1\]/a': 13, 'args\[1\]/b': 5"):
         wrapped(w, {"a": x, "b": x[:5]})
+    with pytest.raises(ValueError, match=r"'args\[0\]': 13, 'mask': 5"):
+        counted(x, mask=np.ones(5, bool))
 
 
 def test_global_batch_divides_by_what_the_given_sharding_splits():
