@@ -2,17 +2,19 @@
 
 1. Keeps the chosen variant's files (``train_<model_api>.py``, ``models_<model_api>.py``,
    ``parallel_<parallelism>.py``) under their plain names and removes the others, so the project
-   holds no file that its variant does not use.
+   holds no file that its variant does not use. Regenerating with ``-f -s`` keeps a plain-named
+   file the project already had (see ``hooks/pre_gen_project.py``).
 2. Pins the ``flax-plugins`` dependency in ``pyproject.toml`` to where the template came from:
-   a local template as ``flax-plugins @ file:///abs/path``, a git template as
-   ``flax-plugins @ git+URL[@checkout]``. ``pip install -e .`` then just works.
+   a local template as ``flax-plugins @ file:///abs/path``, a zip of it as
+   ``flax-plugins @ file:///abs/path.zip`` (or its URL), a git template as
+   ``flax-plugins @ git+URL@<commit>``. ``pip install -e .`` then just works.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,19 +25,19 @@ ANSWERS = json.loads(
     "model_api": {{ cookiecutter.model_api | tojson }},
     "parallelism": {{ cookiecutter.parallelism | tojson }},
     "_template": {{ cookiecutter._template | tojson }},
-    "_repo_dir": {{ cookiecutter._repo_dir | tojson }},
-    "_checkout": {{ cookiecutter._checkout | tojson }}
+    "_checkout": {{ cookiecutter._checkout | tojson }},
+    "_template_root": {{ template_root | default(cookiecutter._repo_dir) | tojson }},
+    "_launch_dir": {{ launch_dir | default('.') | tojson }}
 }"""
 )
-PACKAGE_NAME = ANSWERS["package_name"]
-MODEL_API = ANSWERS["model_api"]
-PARALLELISM = ANSWERS["parallelism"]
 TEMPLATE = ANSWERS["_template"]
-REPO_DIR = ANSWERS["_repo_dir"]
 CHECKOUT = ANSWERS["_checkout"] or ""
+TEMPLATE_ROOT = Path(ANSWERS["_template_root"])
+LAUNCH_DIR = Path(ANSWERS["_launch_dir"])
+sys.path.insert(0, str(TEMPLATE_ROOT))
 
-VARIANTS = {"train": ("nnx", "linen"), "models": ("nnx", "linen"), "parallel": ("jit", "pmap")}
-CHOSEN = {"train": MODEL_API, "models": MODEL_API, "parallel": PARALLELISM}
+from hooks.variants import CHOSEN_BY, KEPT_LIST, VARIANTS  # noqa: E402
+
 ABBREVIATIONS = {
     "gh": "https://github.com/{0}.git",
     "gl": "https://gitlab.com/{0}.git",
@@ -44,12 +46,13 @@ ABBREVIATIONS = {
 DIST = "flax-plugins"
 
 
-def select_variants(package_dir: Path) -> None:
-    """Renames the chosen variant files to their plain names and deletes the rest."""
+def select_variants(package_dir: Path, kept: list[str]) -> None:
+    """Renames the chosen variant files to their plain names and deletes the rest; a plain
+    name listed in ``kept`` keeps the file it already had."""
     for stem, choices in VARIANTS.items():
         for choice in choices:
             path = package_dir / f"{stem}_{choice}.py"
-            if choice == CHOSEN[stem]:
+            if choice == ANSWERS[CHOSEN_BY[stem]] and f"{stem}.py" not in kept:
                 path.replace(package_dir / f"{stem}.py")
             else:
                 path.unlink()
@@ -58,24 +61,6 @@ def select_variants(package_dir: Path) -> None:
 def _is_plugins_repo(path: Path) -> bool:
     pyproject = path / "pyproject.toml"
     return pyproject.is_file() and f'name = "{DIST}"' in pyproject.read_text()
-
-
-def local_repo_dir() -> Path | None:
-    """Absolute path of a local template checkout, or None if it cannot be found."""
-    candidates = [Path(REPO_DIR)]
-    if not candidates[0].is_absolute():
-        # Relative to the directory cookiecutter was started from.
-        if os.environ.get("PWD"):
-            candidates.append(Path(os.environ["PWD"]) / REPO_DIR)
-        parent_cwd = Path(f"/proc/{os.getppid()}/cwd")
-        try:  # cookiecutter runs hooks from inside the template directory
-            candidates.append(parent_cwd.resolve(strict=True))
-        except OSError:
-            pass
-    for candidate in candidates:
-        if candidate.is_absolute() and _is_plugins_repo(candidate):
-            return candidate.resolve()
-    return None
 
 
 def git_url(template: str) -> str | None:
@@ -93,14 +78,30 @@ def git_url(template: str) -> str | None:
     return None
 
 
+def cloned_commit(clone: Path) -> str | None:
+    """The commit checked out in cookiecutter's clone of a git template, or None."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
 def requirement() -> str:
     """The pinned ``flax-plugins`` requirement for the generated pyproject.toml."""
+    if TEMPLATE.lower().endswith(".zip"):  # cookiecutter unpacks it to a folder it deletes
+        if re.match(r"^https?://", TEMPLATE):
+            return f"{DIST} @ {TEMPLATE}"
+        return f"{DIST} @ {(LAUNCH_DIR / Path(TEMPLATE).expanduser()).resolve().as_uri()}"
     url = git_url(TEMPLATE)
     if url is not None:
-        return f"{DIST} @ {url}@{CHECKOUT}" if CHECKOUT else f"{DIST} @ {url}"
-    repo = local_repo_dir()
-    if repo is not None:
-        return f"{DIST} @ {repo.as_uri()}"
+        ref = cloned_commit(TEMPLATE_ROOT) or CHECKOUT
+        return f"{DIST} @ {url}@{ref}" if ref else f"{DIST} @ {url}"
+    if TEMPLATE_ROOT.is_absolute() and _is_plugins_repo(TEMPLATE_ROOT):
+        return f"{DIST} @ {TEMPLATE_ROOT.as_uri()}"
     print(
         f"warning: could not tell where the template came from ({TEMPLATE!r}); "
         f"pyproject.toml depends on plain '{DIST}'.",
@@ -118,5 +119,7 @@ def pin_plugins(pyproject: Path) -> None:
 
 if __name__ == "__main__":
     project = Path.cwd()
-    select_variants(project / PACKAGE_NAME)
+    kept_list = project / KEPT_LIST
+    select_variants(project / ANSWERS["package_name"], json.loads(kept_list.read_text()))
+    kept_list.unlink()
     pin_plugins(project / "pyproject.toml")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from slugify import slugify  # python-slugify: cookiecutter's, which derives project_slug
 
 cookiecutter_main = pytest.importorskip("cookiecutter.main")
 from cookiecutter.exceptions import FailedHookException  # noqa: E402
@@ -94,12 +96,15 @@ def test_variant_files_names_and_lint(tmp_path, model_api, parallelism):
         assert "cookiecutter" not in text and "{{" not in text and "{%" not in text, path
     assert f"from {package} import train" in (project / "main.py").read_text()
 
-    # Lint-clean whatever the package's name: here one that sorts after ``configs`` and ``main``
-    # and one that sorts before them (import order).
+    # Lint-clean whatever the package's name: here one that sorts after ``configs`` and ``main``,
+    # one that sorts before them (import order), and one as long as a name may be.
     early = generate(
         tmp_path / "early", project_name="Alpha", model_api=model_api, parallelism=parallelism
     )
-    for path in (project, early):
+    longest = generate(
+        tmp_path / "long", project_name="a" * 64, model_api=model_api, parallelism=parallelism
+    )
+    for path in (project, early, longest):
         lint = [str(BIN / "ruff"), "check", "--no-cache", "."]
         subprocess.run(lint, cwd=path, check=True)
         fmt = [str(BIN / "ruff"), "format", "--no-cache", "--check", "."]
@@ -113,22 +118,109 @@ def test_local_template_pins_plugins_as_file_url(tmp_path):
     assert text.count('"flax-plugins') == 1
 
 
-def test_answers_with_quotes_stay_valid_toml(tmp_path):
+def test_answers_with_quotes_stay_valid_toml_and_python(tmp_path):
     import tomllib
 
     project = generate(
-        tmp_path, project_name="quoted", description='Say "hi" \\ there', author_name="O'Neil"
+        tmp_path,
+        project_name='Say """ \\s',
+        description='Say "hi" \\ there """',
+        author_name="O'Neil",
     )
     meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
-    assert meta["description"] == 'Say "hi" \\ there'
+    assert meta["description"] == 'Say "hi" \\ there """'
     assert meta["authors"] == [{"name": "O'Neil"}]
+    init = project / "say_s" / "__init__.py"
+    # Compiles without warnings (no invalid escape sequence), and says what was typed.
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c",
+         "import ast, sys; print(ast.get_docstring(ast.parse(open(sys.argv[1]).read())))",
+         str(init)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert result.stdout.startswith('Say """ \\s.\n\nSay "hi" \\ there """')
 
 
-def test_git_template_pins_plugins_as_git_url(tmp_path):
-    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode:
-        pytest.skip("not a git checkout")
+@pytest.mark.parametrize(
+    "name, folder",
+    [("Ünïcødé Prøject", "unicode-project"), ("My Project_", "my-project"), ("_x  y", "x-y")],
+)
+def test_folder_name_is_derived_as_a_valid_project_name(tmp_path, name, folder):
+    project = generate(tmp_path, project_name=name)
+    assert project.name == folder
+    assert (project / folder.replace("-", "_") / "train.py").is_file()
+
+
+def test_relative_template_path(tmp_path):
+    # Hooks run inside the new project, where a relative template path no longer resolves.
+    for cwd, template in ((REPO.parent, REPO.name), (REPO, ".")):
+        out = tmp_path / template.strip(".") / "out"
+        subprocess.run(
+            [str(BIN / "cookiecutter"), template, "--no-input", "-o", str(out)],
+            cwd=cwd, check=True, capture_output=True,
+        )  # fmt: skip
+        pyproject = (out / "flax-project" / "pyproject.toml").read_text()
+        assert f'"flax-plugins @ {REPO.as_uri()}",' in pyproject
+
+
+def test_zip_template_pins_plugins_to_the_zip(tmp_path):
+    # cookiecutter unpacks a zip into a folder it deletes afterwards: the pin names the zip.
+    import shutil
+
+    tree = tmp_path / "src" / "flax-template"
+    tree.mkdir(parents=True)
+    for name in (
+        "cookiecutter.json",
+        "pyproject.toml",
+        "hooks",
+        "plugins",
+        "{{cookiecutter.project_slug}}",
+    ):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, tree / name)
+    archive = Path(shutil.make_archive(str(tmp_path / "template"), "zip", tree.parent))
+    project = Path(
+        cookiecutter_main.cookiecutter(
+            str(archive), no_input=True, output_dir=str(tmp_path / "out"),
+            config_file=_isolated_config(tmp_path),
+        )
+    )  # fmt: skip
+    assert f'"flax-plugins @ {archive.as_uri()}",' in (project / "pyproject.toml").read_text()
+
+
+def _isolated_config(tmp_path: Path) -> str:
+    """A cookiecutter config that keeps clones, unpacked zips and replays under ``tmp_path``."""
     config = tmp_path / "cookiecutter.yaml"
     config.write_text(f"cookiecutters_dir: {tmp_path / 'clones'}\nreplay_dir: {tmp_path}\n")
+    return str(config)
+
+
+def test_regenerating_with_skip_keeps_edited_files(tmp_path):
+    project = generate(tmp_path, project_name="edited")
+    train = project / "edited" / "train.py"
+    for path in (train, project / "main.py"):
+        path.write_text(path.read_text() + "# edited\n")
+    cli = [str(BIN / "cookiecutter"), str(REPO), "--no-input", "-o", str(tmp_path)]
+    # -f -s: existing files stay as they are, the variant file among them.
+    subprocess.run([*cli, "-f", "-s", "project_name=edited"], check=True, capture_output=True)
+    assert train.read_text().endswith("# edited\n")
+    assert (project / "main.py").read_text().endswith("# edited\n")
+    assert files_of(project) == SHIPPED | {f"edited/{name}" for name in PACKAGE_FILES}
+    # -f alone: every file is written again, here with the other model API.
+    subprocess.run(
+        [*cli, "-f", "project_name=edited", "model_api=linen"], check=True, capture_output=True
+    )
+    assert "class TrainState(train_state.TrainState)" in train.read_text()
+    assert not (project / "main.py").read_text().endswith("# edited\n")
+    assert files_of(project) == SHIPPED | {f"edited/{name}" for name in PACKAGE_FILES}
+
+
+def test_git_template_pins_plugins_to_the_cloned_commit(tmp_path):
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
     url = "git+" + REPO.as_uri()  # cloned with git, as a remote would be
     project = Path(
         cookiecutter_main.cookiecutter(
@@ -137,10 +229,11 @@ def test_git_template_pins_plugins_as_git_url(tmp_path):
             no_input=True,
             extra_context={"project_name": "from git"},
             output_dir=str(tmp_path / "out"),
-            config_file=str(config),
+            config_file=_isolated_config(tmp_path),
         )
     )
-    assert f'"flax-plugins @ {url}@HEAD",' in (project / "pyproject.toml").read_text()
+    commit = head.stdout.decode().strip()
+    assert f'"flax-plugins @ {url}@{commit}",' in (project / "pyproject.toml").read_text()
 
 
 def test_cli_no_input_with_choices(tmp_path):
@@ -175,7 +268,6 @@ def test_prompts_cover_every_variable():
 BAD_ANSWERS = [
     ({"project_name": ""}, "project_name is empty"),
     ({"project_name": "   "}, "project_name is empty"),
-    ({"project_name": "../evil"}, "no path separators"),
     ({"project_name": "x", "project_slug": "../x"}, "no path separators"),
     ({"project_name": "x", "project_slug": "a/b"}, "no path separators"),
     ({"project_name": "x", "project_slug": "a\\b"}, "no path separators"),
@@ -195,7 +287,13 @@ BAD_ANSWERS = [
     ({"project_name": "x", "project_slug": ".."}, "no path separators"),
     ({"project_name": "x", "project_slug": "/tmp/abs"}, "no path separators"),
     ({"project_name": "x", "project_slug": " x"}, "no surrounding spaces"),
-    ({"project_name": "x", "project_slug": "-x"}, "must start with a letter or digit"),
+    ({"project_name": "x", "project_slug": "-x"}, "must start and end with a letter or digit"),
+    ({"project_name": "x", "project_slug": "x-"}, "must start and end with a letter or digit"),
+    ({"project_name": "x", "project_slug": "x."}, "must start and end with a letter or digit"),
+    ({"project_name": "!!!"}, "project_name '!!!' has no letters or digits"),
+    ({"project_name": "a" * 65}, "project_slug is 65 characters long; keep it to 64"),
+    ({"project_name": "keras"}, "would shadow the module 'keras'"),
+    ({"project_name": "tree"}, "would shadow the module 'tree'"),
     ({"project_name": "x", "package_name": ""}, "package_name is empty"),
     ({"project_name": "x", "package_name": "../x"}, "not a valid Python identifier"),
     ({"project_name": "x", "package_name": "9lives"}, "starts with a digit"),
@@ -205,36 +303,84 @@ BAD_ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize("answers, message", BAD_ANSWERS, ids=[str(a) for a, _ in BAD_ANSWERS])
+@pytest.mark.parametrize("answers, message", BAD_ANSWERS, ids=[str(a)[:60] for a, _ in BAD_ANSWERS])
 def test_bad_answer_stops_generation_and_leaves_nothing(tmp_path, capfd, answers, message):
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(FailedHookException):
+    with pytest.raises(FailedHookException, match="^ERROR: ") as raised:
         generate(out, **answers)
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ERROR: ")]
-    assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err
-    assert not (tmp_path / "evil").exists() and not (tmp_path / "x").exists()
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
     # Checked before cookiecutter creates any folder: not even an empty parent of 'a/b' is left.
     assert list(out.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("answers, message", BAD_ANSWERS, ids=[str(a) for a, _ in BAD_ANSWERS])
+@pytest.mark.parametrize("answers, message", BAD_ANSWERS, ids=[str(a)[:60] for a, _ in BAD_ANSWERS])
 def test_pre_generation_hook_rejects_the_same_answers(answers, message):
     # The hook repeats the checks (hooks/answers.py), e.g. for a replayed context.
     from hooks import answers as checks
 
     full = {"project_name": "x", "model_api": "nnx", "parallelism": "jit", **answers}
-    slug = full.get("project_slug", full["project_name"].strip().lower().replace(" ", "-"))
-    full.setdefault("project_slug", slug)
+    full.setdefault("project_slug", slugify(full["project_name"]))
     full.setdefault("package_name", full["project_slug"].replace("-", "_").replace(".", "_"))
     assert message in checks.problem(full)
     assert checks.problem({**full, **GOOD}) is None
 
 
 GOOD = {"project_name": "Good", "project_slug": "good", "package_name": "good_pkg"}
+
+
+def test_replayed_bad_answer_is_one_line_and_leaves_nothing(tmp_path):
+    # A replayed context skips the prompts, where the answers are first checked.
+    replay = tmp_path / "replay.json"
+    context = {
+        "project_name": "x", "project_slug": "a/b", "package_name": "x_pkg",
+        "description": "d", "author_name": "n", "model_api": "nnx", "parallelism": "jit",
+        "_extensions": ["hooks.answers.CheckAnswers"], "__answers_checked": "yes",
+        "_template": str(REPO), "_repo_dir": str(REPO), "_checkout": None,
+    }  # fmt: skip
+    replay.write_text(json.dumps({"cookiecutter": context}))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(BIN / "cookiecutter"), str(REPO), "--replay-file", str(replay), "-o", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: project_slug 'a/b' must be"), lines
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_shadow_list_covers_what_a_training_run_imports(tmp_path):
+    # A package named like any module a training run imports would shadow it: the answer checks
+    # refuse those names, and this run finds any that the list has missed.
+    from hooks import answers as checks
+
+    project = generate(tmp_path, project_name="shadow check", parallelism="pmap")
+    run = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')"
+    )
+    dump = "import atexit, sys; atexit.register(lambda: print('MODULES', *sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", f"{dump}\n{run}", "main.py", "--config=configs/quick.py",
+         f"--workdir={tmp_path / 'work'}"],
+        cwd=project, env={**os.environ, "PYTHONPATH": str(project)},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("MODULES ")]
+    top = {name.split(".")[0] for name in line.split()[1:]}
+    stdlib = {name.lower() for name in (*sys.stdlib_module_names, *sys.builtin_module_names)}
+    own = {"shadow_check", "configs", "config_config", "cython_runtime"}
+    imported = {
+        name.lower()
+        for name in top - own
+        if not name.startswith("_") and not re.fullmatch(r"[0-9a-f]{40}", name)
+    }
+    assert {"jax", "flax", "optax", "tensorflow"} <= imported  # the run did train
+    assert sorted(imported - stdlib - checks.SHADOWED) == []
 
 
 def test_unknown_choice_is_refused(tmp_path):
@@ -250,7 +396,8 @@ def test_bad_answer_on_the_command_line_exits_non_zero(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "ERROR: package_name 'import' is a Python keyword" in result.stderr
+    lines = (result.stdout + result.stderr).splitlines()
+    assert lines == ["ERROR: package_name 'import' is a Python keyword; choose another name."]
     assert list(tmp_path.iterdir()) == []
 
 

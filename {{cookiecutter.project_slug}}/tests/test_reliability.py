@@ -25,7 +25,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from {{ cookiecutter.package_name }} import input_pipeline, train, trainer
+from {{ cookiecutter.package_name }} import (
+    input_pipeline,
+    train,
+    trainer,
+)
 
 import main
 from configs import quick
