@@ -1,5 +1,5 @@
-"""ResNet on CIFAR-10-shaped data: each variant's train step against a hand-written loop, on the
-default JAX backend (a GPU where there is one; the other benchmarks force the CPU).
+"""ResNet on CIFAR-10-shaped data: each variant's train step against a hand-written loop.
+It runs on the default JAX backend (a GPU where there is one; the other benchmarks force the CPU).
 
 For each generated variant, a fresh process builds the variant's train state and step as its
 ``trainer.run`` does (``trainer.make_setup`` with CIFAR-10's 10 classes of 32x32x3 images, then

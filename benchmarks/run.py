@@ -2,12 +2,14 @@
 
     python -m benchmarks.run            # or: nox -s bench / make bench
     python -m benchmarks.run optim      # only the named benchmarks
+    python -m benchmarks.run --help     # what each one measures; runs nothing
 
 Each benchmark module has ``run() -> list[dict]`` (rows measured side by side in one run).
 """
 
 from __future__ import annotations
 
+import ast
 import datetime
 import importlib
 import os
@@ -85,14 +87,33 @@ def _existing_sections(path: str) -> dict[str, str]:
     return sections
 
 
+def usage() -> str:
+    """This module's usage and each benchmark's name with the first line of its docstring,
+    read from the source (nothing is imported, so nothing heavy loads)."""
+    lines = [(__doc__ or "").strip(), "", "benchmarks:"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, module in BENCHMARKS.items():
+        with open(os.path.join(root, *module.split(".")) + ".py") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+        where = " (by default on a GPU/TPU only)" if name in ACCELERATOR_ONLY else ""
+        lines.append(f"  {name:<17} {doc.splitlines()[0] if doc else ''}{where}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     """Runs the chosen benchmarks (all by default) and writes docs/benchmarks.md; a run of some
     benchmarks replaces their sections and keeps the others' (each section says when and how it
     was measured)."""
+    if any(arg in ("-h", "--help", "help") for arg in argv):
+        print(usage())
+        return
     chosen = argv or [n for n in BENCHMARKS if n not in ACCELERATOR_ONLY or _accelerator()]
     unknown = [n for n in chosen if n not in BENCHMARKS]
     if unknown:
-        sys.exit(f"unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}")
+        sys.exit(
+            f"unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)} "
+            "(--help says what each measures)"
+        )
     knobs = ("BENCH_TTA_RUNS", "BENCH_RESNET_SIZES")
     settings = [f"{k}={os.environ[k]} " for k in knobs if k in os.environ]
     command = "".join(settings) + " ".join(["python -m benchmarks.run", *argv])

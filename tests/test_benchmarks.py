@@ -95,6 +95,17 @@ def test_every_benchmark_is_registered_and_importable():
         assert callable(importlib.import_module(module).run), name
 
 
+def test_help_lists_every_benchmark_and_runs_none(capsys, monkeypatch):
+    monkeypatch.setattr(run, "markdown_table", None)  # any benchmark run would fail on it
+    run.main(["--help"])
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.split("benchmarks:\n")[1].splitlines()]
+    assert listed == list(run.BENCHMARKS)
+    assert "Trainer overhead: each generated variant's train step" in out
+    with pytest.raises(SystemExit, match=r"unknown benchmark 'nosuch'; valid: overhead, "):
+        run.main(["nosuch"])
+
+
 def test_markdown_table():
     table = run.markdown_table([dict(a=1, b=0.5), dict(a=2, c="x")])
     assert table.splitlines() == [
