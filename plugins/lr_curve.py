@@ -22,16 +22,19 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from plugins import config_cli
 from plugins.config_errors import ConfigError, as_dict
 
 _PROG = "plugins-lr-curve"
 
 
-def _flag_values() -> flags.FlagValues:
-    """Flags of this command, in their own FlagValues (no clash with a trainer's --config)."""
+def _flag_values(argv: list[str]) -> flags.FlagValues:
+    """Flags of this command, in their own FlagValues (no clash with a trainer's --config).
+    config_flags defines the ``--config.key`` overrides it finds in ``argv`` (by default it
+    would look in ``sys.argv``, which is not ``main(argv)``'s when called in-process)."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
-        "config", None, "Path to an ml_collections config file.", flag_values=fv
+        "config", None, "Path to an ml_collections config file.", flag_values=fv, sys_argv=argv
     )
     flags.DEFINE_string("out", "lr.png", "Where to save the PNG; empty to skip it.", flag_values=fv)
     flags.DEFINE_integer("width", 60, "Width of the text chart, in characters.", flag_values=fv)
@@ -103,24 +106,32 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status: 0 on success, 2 for a bad command line or config (one line on stderr).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    fv = _flag_values()
+    fv = _flag_values([_PROG, *args])
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in args):
         print(__doc__.strip() + "\n\nFlags:\n" + fv.get_help())
         return 0
     try:
         try:
             fv([_PROG, *args])
-        except (flags.Error, ValueError):
+        except config_cli.PARSE_ERRORS as e:
+            raise ConfigError(config_cli.parse_error_line(e, args)) from None
+        except ValueError:
             raise
-        except Exception as e:  # the config file's own code, or an override of a missing key
+        except Exception as e:  # the config file's own code
             raise ConfigError(f"could not load --config: {_one_line(e)}") from None
         if fv.config is None:
             raise ConfigError("--config is required: the path to an ml_collections config file")
+        try:
+            fv.config.keys()  # a file that could not be read raises its error on first use
+        except OSError as e:
+            raise ConfigError(config_cli.load_error_line(e, args)) from None
         text = report(fv.config, out=fv.out, width=fv.width, height=fv.height)
-    except (flags.Error, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         # ConfigError is a ValueError; the others come from configs that are not training configs.
-        message = str(e) if isinstance(e, (flags.Error, ValueError)) else _one_line(e)
-        print(f"{_PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+        message = " ".join((str(e) if isinstance(e, ValueError) else _one_line(e)).split())
+        if not message.startswith(("config error: ", "flag error: ")):
+            message = f"config error: {message}"
+        print(f"{_PROG}: {message}", file=sys.stderr)
         return 2
     print(text)
     return 0

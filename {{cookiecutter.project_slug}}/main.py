@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
-import re
 import sys
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from plugins import config_cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -53,52 +53,14 @@ class _QuietLibraries(std_logging.Filter):
         )
 
 
-def _innermost_message(error: BaseException) -> str:
-    """The text of ``error``, or of the exception it wraps (config_flags wraps KeyErrors)."""
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    return " ".join(str(error.args[0] if error.args else error).split())
-
-
-def _unknown_key_line(error: BaseException, argv: list[str]) -> str:
-    """``config error: unknown key ...`` for an override of a key the locked config lacks."""
-    text = _innermost_message(error)
-    match = re.match(r"^'([^']+)'\s*(.*)$", text)
-    if not match:
-        return f"config error: {text}"
-    key, rest = match.groups()
-    overrides = [a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")]
-    path = next((o for o in overrides if o.split(".")[-1] == key or f".{key}." in f".{o}."), key)
-    line = f"config error: unknown key {path!r}" + (f". {rest}" if rest else "")
-    if ".kwargs." in f".{path}":
-        line += (
-            " (the config is locked: optimizer kwargs the config file does not set can only be"
-            " added in a config file, e.g. kwargs=dict(b2=0.95))"
-        )
-    return line
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses the flags; a ``--config.key`` override of a key that does not exist (the config is
     locked), a wrong type or a config file that cannot be loaded ends the program with one line
     instead of a traceback."""
     try:
         return FLAGS(argv)
-    except flags.Error as error:  # e.g. --config.num_train_steps=abc
-        sys.exit(f"flag error: {error}")
-    except SyntaxError as error:  # in the config file
-        sys.exit(_cannot_load(argv, f"{error.msg} (line {error.lineno})"))
-    except (AttributeError, KeyError) as error:  # e.g. --config.num_train_step=5
-        if "get_config" in str(error):
-            sys.exit(_cannot_load(argv, "it defines no get_config()"))
-        sys.exit(_unknown_key_line(error, argv))
-
-
-def _cannot_load(argv: list[str], why: str) -> str:
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    given += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
-    path = given[0] if given else ""
-    return f"config error: cannot load --config={path}: {why}"
+    except config_cli.PARSE_ERRORS as error:
+        sys.exit(config_cli.parse_error_line(error, argv))
 
 
 def load_config(flag: Any) -> Any:
@@ -107,9 +69,7 @@ def load_config(flag: Any) -> Any:
     try:
         config.keys()  # a file that could not be read raises its error on first use
     except OSError as error:
-        text = _innermost_message(error)
-        found = re.search(r"\[Errno \d+\] ([^:]+)", text)
-        sys.exit(_cannot_load(sys.argv, found.group(1) if found else text))
+        sys.exit(config_cli.load_error_line(error, sys.argv))
     return config
 
 

@@ -1,0 +1,67 @@
+"""plugins.config_cli: the one line for each way a config command line can fail to parse."""
+
+from __future__ import annotations
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from plugins import config_cli
+
+CONFIG = """
+import ml_collections
+
+def get_config():
+    return ml_collections.ConfigDict(dict(num_train_steps=10, optimizer=dict(kwargs=dict(b2=0.9))))
+"""
+
+
+def _parse(argv: list[str]) -> str:
+    """Parses ``argv`` with a locked config flag; returns the one line for what went wrong."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    try:
+        fv(argv)
+        fv.config.keys()
+    except config_cli.PARSE_ERRORS as error:
+        return config_cli.parse_error_line(error, argv)
+    except OSError as error:
+        return config_cli.load_error_line(error, argv)
+    raise AssertionError(f"{argv} parsed")
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def test_unknown_key_names_the_full_override_path(config_file):
+    line = _parse(["prog", f"--config={config_file}", "--config.num_train_step=5"])
+    assert line.startswith("config error: unknown key 'num_train_step'. Did you mean")
+    line = _parse(["prog", f"--config={config_file}", "--config.optimizer.kwargs.b1=0.9"])
+    assert line.startswith("config error: unknown key 'optimizer.kwargs.b1'")
+    assert "can only be added in a config file" in line
+
+
+def test_wrong_type_is_a_flag_error(config_file):
+    line = _parse(["prog", f"--config={config_file}", "--config.num_train_steps=abc"])
+    assert line.startswith("flag error: flag --config.num_train_steps=abc: ")
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        (None, "No such file or directory"),
+        ("def get_config(:\n", "invalid syntax (line 1)"),
+    ],
+)
+def test_a_file_that_cannot_be_loaded(tmp_path, text, why):
+    path = tmp_path / "bad.py"
+    if text is not None:
+        path.write_text(text)
+    assert _parse(["prog", "--config", str(path)]) == (
+        f"config error: cannot load --config={path}: {why}"
+    )
