@@ -9,6 +9,7 @@ Modules (import the one you need; none imports the others' heavy dependencies):
 - ``plugins.losses``     losses from config, accuracy helpers.
 - ``plugins.data``       the offline ``digits`` tfds dataset and deterministic input pipelines.
 - ``plugins.sharding``   pmap and mesh placement, single- and multi-host.
+- ``plugins.config_cli`` one-line errors for ``--config=FILE --config.key=value`` command lines.
 - ``plugins.unit_axis``  a per-device function on ``(1, ...)`` blocks (``sharding.pmap``'s).
 - ``plugins.transpose_folding``  weight gradients in their parameters' layout under jit data
                          parallelism (a jaxpr rewrite of the train step).
