@@ -481,6 +481,20 @@ def test_jit_and_pmap_give_the_same_loss_curve(variants, tmp_path, model_api):
     np.testing.assert_allclose(_curve(jit, "eval_loss"), _curve(pmap, "eval_loss"), rtol=1e-5)
 
 
+def test_a_checkpoint_of_the_other_model_api_is_one_clear_error(variants, tmp_path):
+    from plugins.config_errors import ConfigError
+
+    config = _parity_config(variants["nnx", "jit"][1])
+    config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = 2
+    config.optimizer.schedule.warmup_steps = 1
+    _run(variants, ("linen", "jit"), config, tmp_path)
+    saved = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    config.num_train_steps = 4
+    with pytest.raises(ConfigError, match="written by the other model_api"):
+        _run(variants, ("nnx", "pmap"), config, tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == saved
+
+
 def _flatten(tree: dict, prefix: tuple = ()) -> dict:
     out = {}
     for key, value in tree.items():

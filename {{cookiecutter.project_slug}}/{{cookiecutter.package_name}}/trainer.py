@@ -455,6 +455,12 @@ def checkpoint_mismatch(directory: Path, target: Any) -> str | None:
         return {p: tuple(getattr(x, "shape", ())) for p, x in zip(paths, leaves, strict=True)}
 
     stored, wanted = shape_of(metadata), shape_of(target)
+    state_paths = [p for p in wanted if p.startswith("state/")]
+    if state_paths and not any(p in stored for p in state_paths):
+        return (
+            "no array of its train state is where this project keeps one: NNX and Linen "
+            "projects lay out their state differently, so was it written by the other model_api?"
+        )
     for path, shape in wanted.items():
         if path in stored and stored[path] != shape:
             return f"{path!r} is {stored[path]} there, {shape} here"
