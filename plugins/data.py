@@ -65,6 +65,10 @@ _cache: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+class DatasetUnavailable(RuntimeError):
+    """A dataset that is not prepared locally and could not be downloaded and prepared."""
+
+
 def builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Returns the tfds builder of ``name`` (reads metadata, no data); an unknown name raises
     ``ConfigError``, a missing tensorflow-datasets ``ImportError``."""
@@ -102,6 +106,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
 
     Raises:
       ValueError: unknown dataset or split, an empty split, or no ``image``/``label`` features.
+      DatasetUnavailable: the dataset is not prepared and preparing it failed (no network).
     """
     # Keyed by the arguments (and tfds' default-dir variable), so that a hit skips even
     # tfds.builder, which re-reads the dataset's metadata files.
@@ -114,7 +119,15 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
 
     dataset = builder(name, data_dir)
     tensorflow_setup.hide_accelerators()  # TensorFlow reads the files: keep it off the GPUs
-    dataset.download_and_prepare()
+    try:
+        dataset.download_and_prepare()
+    except Exception as error:  # tfds retries a download for minutes before it gives up
+        raise DatasetUnavailable(
+            f"cannot prepare dataset {name!r} in {dataset.data_dir} "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:200]}); tfds downloads it "
+            "once, which needs network: run once where there is one, or set data_dir to a "
+            "folder that holds a prepared copy"
+        ) from error
     splits = dataset.info.splits
     expected = None
     if splits:  # Empty before preparation and under tfds.testing.mock_data: accept any split.

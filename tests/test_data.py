@@ -385,3 +385,17 @@ def test_prefetch_passes_items_and_errors_and_stops():
     assert not endless._thread.is_alive()
     with pytest.raises(StopIteration):
         next(endless)
+
+
+def test_a_dataset_that_cannot_be_downloaded_is_one_clear_error(tmp_path, monkeypatch):
+    # What MNIST does without network, after tfds' own retries: a ConnectionError (an OSError).
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Max retries exceeded with url: https://storage.googleapis.com/...")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(data.DatasetUnavailable) as raised:
+        data.load_split("mnist", "train", data_dir=str(tmp_path))
+    message = str(raised.value)
+    assert message.startswith(f"cannot prepare dataset 'mnist' in {tmp_path}")
+    assert "ConnectionError: Max retries exceeded" in message and "needs network" in message
+    assert "\n" not in message

@@ -81,9 +81,10 @@ def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]
     ``config error: <what is wrong and what is valid>``, and exit code 1 (``SystemExit``).
     SIGTERM (preemption) or Ctrl-C saves a checkpoint and exits with code 143 or 130; a NaN/Inf
     loss without ``optimizer.skip_nonfinite`` exits with code 1 and ``non-finite: ...`` naming
-    the step.
+    the step; a dataset that can be neither read nor downloaded, with ``data error: ...``.
     """
     from plugins.config_errors import ConfigError
+    from plugins.data import DatasetUnavailable
 
     from {{ cookiecutter.package_name }} import train, trainer
 
@@ -96,6 +97,8 @@ def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]
         sys.exit(stopped.exit_code)
     except trainer.NonFiniteError as error:  # the last good checkpoint is intact
         sys.exit(f"non-finite: {error}")
+    except DatasetUnavailable as error:  # e.g. MNIST without network
+        sys.exit(f"data error: {error}")
 
 
 def compilation_cache_dir(flag: str | None) -> str:

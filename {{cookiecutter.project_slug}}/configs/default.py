@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 'image' and 'label' features. Splits 'train' and 'test' are used.
     config.dataset = "digits"
     # tfds data directory; None uses tfds' default (~/tensorflow_datasets).
-    config.data_dir = None
+    config.data_dir = config_dict.placeholder(str)
     # The model: 'name' picks it (see <package>/models.py), the other keys are its options.
     # 'cnn': one 3x3 conv + relu + 2x2 average pool per entry of 'features', then a hidden dense
     # layer of 'dense' units and the classifier head.

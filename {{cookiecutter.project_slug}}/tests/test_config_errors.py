@@ -390,3 +390,20 @@ def test_resuming_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(
         assert line.startswith("config error: the checkpoint of step 2 in "), line
         assert "was written for a different model or optimizer" in line and why in line, line
         assert _snapshot(workdir) == before, key
+
+
+def test_a_dataset_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch):
+    # MNIST without network: tfds gives up after its retries; main.py says so in one line.
+    import tensorflow_datasets as tfds
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Max retries exceeded with url: https://storage.googleapis.com/...")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    config = quick.get_config()
+    config.dataset, config.data_dir = "mnist", str(tmp_path / "tfds")
+    with pytest.raises(SystemExit) as exit_info:
+        main.train_or_exit(config, str(tmp_path / "run"))
+    line = exit_info.value.code
+    assert isinstance(line, str) and "\n" not in line, line
+    assert line.startswith("data error: cannot prepare dataset 'mnist' in "), line

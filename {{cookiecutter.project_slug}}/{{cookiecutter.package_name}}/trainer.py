@@ -637,8 +637,9 @@ def run(
         config, batch_size=local_batch, start_step=initial_step
     )
     train_batches = dp.train_batches(host_batches)
-    logging.info("Training steps %d to %d on %d device(s).", initial_step + 1, total_steps,
-                 dp.num_devices)  # fmt: skip
+    if initial_step < total_steps:
+        logging.info("Training steps %d to %d on %d device(s).", initial_step + 1, total_steps,
+                     dp.num_devices)  # fmt: skip
     start = time.monotonic()
     preemption = _PreemptionNotice()
     preempted_at = None
