@@ -1,4 +1,4 @@
-"""Checks the template answers; used twice, so that a bad answer never leaves anything behind.
+"""Checks the template answers, at several points, so that a bad answer leaves nothing behind.
 
 1. Before anything is generated, by :class:`CheckAnswers` (a cookiecutter ``_extensions``
    entry): ``cookiecutter.json`` renders its last (private) variable ``__answers_checked`` with
