@@ -106,13 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status: 0 on success, 2 for a bad command line or config (one line on stderr).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    fv = _flag_values([_PROG, *args])
+    command_line = [_PROG, *args]
+    fv = _flag_values(command_line)
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in args):
         print(__doc__.strip() + "\n\nFlags:\n" + fv.get_help())
         return 0
     try:
         try:
-            fv([_PROG, *args])
+            fv(command_line)
         except config_cli.PARSE_ERRORS as e:
             raise ConfigError(config_cli.parse_error_line(e, args)) from None
         except ValueError:
