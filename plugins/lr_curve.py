@@ -56,12 +56,9 @@ def optimizer_steps(config: Any) -> int:
         raise ConfigError(f"optimizer.accumulate_steps must be a positive int, got {accumulate!r}")
     if accumulate < 1:
         raise ConfigError(f"optimizer.accumulate_steps must be at least 1, got {accumulate}")
-    if steps // accumulate < 1:
-        raise ConfigError(
-            f"num_train_steps ({steps}) // optimizer.accumulate_steps ({accumulate}) leaves no "
-            "optimizer step"
-        )
-    return int(steps // accumulate)
+    from plugins import optim
+
+    return optim.optimizer_steps(int(steps), int(accumulate))
 
 
 def report(config: Any, *, out: str | None = "lr.png", width: int = 60, height: int = 12) -> str:

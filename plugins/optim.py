@@ -493,7 +493,10 @@ def build_optimizer(
     call = {**_KWARG_DEFAULTS.get(name, {}), **cfg["kwargs"]}
     for key in _SUB_OPTIMIZER_ARGS:
         if isinstance(call.get(key), dict):
-            call[key] = build_optimizer(call[key], total_steps=total_steps)
+            # A group's lr_mult scales the steps the wrapped optimizer takes, not the size of
+            # sam's adversarial perturbation.
+            mult = 1.0 if key == "adv_optimizer" else lr_mult
+            call[key] = build_optimizer(call[key], total_steps=total_steps, lr_mult=mult)
     if name in _FIXED_LR:
         call["learning_rate"] = cfg["learning_rate"] * lr_mult
     elif "learning_rate" in params:
@@ -547,6 +550,27 @@ def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformatio
     return masks.partition(masks.is_2d_non_embedding, muon, adamw)
 
 
+def optimizer_steps(total_steps: int, accumulate_steps: int) -> int:
+    """The optimizer steps of ``total_steps`` training steps, ``accumulate_steps`` per update.
+
+    Raises ``ConfigError`` unless ``accumulate_steps`` divides ``total_steps``: the micro-batches
+    after the last whole update would be accumulated and never applied.
+    """
+    k = accumulate_steps
+    if k > total_steps:
+        raise ConfigError(
+            f"optimizer.accumulate_steps={k} is more than the {total_steps} training steps"
+        )
+    if total_steps % k:
+        below, above = total_steps - total_steps % k, total_steps + k - total_steps % k
+        raise ConfigError(
+            f"optimizer.accumulate_steps={k} does not divide the {total_steps} training steps: "
+            f"the last {total_steps % k} micro-batches would never be applied (train for "
+            f"{below} or {above} steps)"
+        )
+    return total_steps // k
+
+
 def create(
     optimizer_config: Any, *, total_steps: int, params: PyTree | None = None
 ) -> optax.GradientTransformation:
@@ -554,8 +578,9 @@ def create(
 
     Args:
       optimizer_config: ConfigDict or dict with at least ``name`` and ``learning_rate``.
-      total_steps: training steps the trainer will run (micro-steps when accumulating);
-        schedules get ``total_steps // accumulate_steps`` optimizer steps.
+      total_steps: training steps the trainer will run (micro-steps when accumulating, a
+        multiple of ``accumulate_steps``); schedules get ``total_steps // accumulate_steps``
+        optimizer steps.
       params: optional parameters (any pytree); when given, path regexes (``freeze``,
         ``param_groups[i].match``, ``weight_decay_mask``) that match nothing raise here. They are
         checked again when the optimizer's ``init`` first sees parameters.
@@ -568,11 +593,7 @@ def create(
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ConfigError(f"total_steps must be a positive int, got {total_steps!r}")
     k = cfg["accumulate_steps"]
-    if k > total_steps:
-        raise ConfigError(
-            f"optimizer.accumulate_steps={k} is more than the {total_steps} training steps"
-        )
-    opt_steps = total_steps // k
+    opt_steps = optimizer_steps(total_steps, k)
     schedule = schedules.create(cfg, total_steps=opt_steps)
     groups = groups_of(cfg)
     if params is not None:
@@ -590,7 +611,7 @@ def create(
             g.label: build_optimizer(g.config, total_steps=opt_steps, lr_mult=g.lr_mult)
             for g in groups
         }
-        parts.append(optax.partition(transforms, _group_labels(cfg, groups)))
+        parts.append(optax.partition(transforms, _group_labels(groups)))
     parts.append(record_learning_rate(schedule))
     if cfg["ema_decay"] is not None:
         parts.append(ema_params(cfg["ema_decay"]))
@@ -611,7 +632,7 @@ def _checking_patterns_on_init(
     tx: optax.GradientTransformation, cfg: dict[str, Any]
 ) -> optax.GradientTransformation:
     """``tx`` whose ``init`` first checks that every path regex of ``cfg`` matches a parameter."""
-    if not (_given(cfg["freeze"]) or cfg["param_groups"] or _selects(cfg["weight_decay_mask"])):
+    if not _has_patterns(cfg):
         return tx
 
     def init(params: PyTree) -> optax.OptState:
@@ -621,7 +642,18 @@ def _checking_patterns_on_init(
     return tx._replace(init=init)
 
 
-def _group_labels(cfg: dict[str, Any], groups: list[Group]) -> Callable[[PyTree], PyTree]:
+def _has_patterns(cfg: dict[str, Any]) -> bool:
+    """Whether a checked (sub-)config has a path regex that must match a parameter."""
+    subs = [g["optimizer"] for g in cfg.get("param_groups", [])] + list(_wrapped(cfg).values())
+    return (
+        _given(cfg.get("freeze"))
+        or bool(cfg.get("param_groups"))
+        or _selects(cfg["weight_decay_mask"])
+        or any(_has_patterns(sub) for sub in subs)
+    )
+
+
+def _group_labels(groups: list[Group]) -> Callable[[PyTree], PyTree]:
     def labels(params: PyTree) -> PyTree:
         return masks.labels_by_patterns(
             params, [(g.label, g.match) for g in groups if g.match is not None]
@@ -650,8 +682,23 @@ def _check_patterns(cfg: dict[str, Any], params: PyTree) -> None:
         masks.check_patterns_match(params, cfg["freeze"], "optimizer.freeze")
     for i, group in enumerate(cfg["param_groups"]):
         masks.check_patterns_match(params, group["match"], f"optimizer.param_groups[{i}].match")
+    _check_decay_masks(cfg, params, "optimizer")
+    for i, group in enumerate(cfg["param_groups"]):
+        _check_decay_masks(group["optimizer"], params, f"optimizer.param_groups[{i}].optimizer")
+
+
+def _check_decay_masks(cfg: dict[str, Any], params: PyTree, where: str) -> None:
+    """Checks the weight decay masks of a sub-config and of the optimizers it wraps."""
     if _selects(cfg["weight_decay_mask"]) and cfg["weight_decay"]:
-        masks.check_patterns_match(params, cfg["weight_decay_mask"], "optimizer.weight_decay_mask")
+        masks.check_patterns_match(params, cfg["weight_decay_mask"], f"{where}.weight_decay_mask")
+    for key, sub in _wrapped(cfg).items():
+        _check_decay_masks(sub, params, f"{where}.kwargs.{key}")
+
+
+def _wrapped(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The checked sub-configs of the optimizers a wrapper (sam, schedule_free...) wraps."""
+    kwargs = cfg["kwargs"]
+    return {k: kwargs[k] for k in _SUB_OPTIMIZER_ARGS if isinstance(kwargs.get(k), dict)}
 
 
 def extra_update_args(optimizer_config: Any) -> frozenset[str]:
@@ -667,10 +714,8 @@ def _extra_args(cfg: dict[str, Any]) -> frozenset[str]:
         names.add("grad_fn")
     for group in cfg.get("param_groups", []):
         names |= _extra_args(group["optimizer"])
-    for key in _SUB_OPTIMIZER_ARGS:
-        sub = cfg["kwargs"].get(key)
-        if isinstance(sub, dict):
-            names |= _extra_args(sub)
+    for sub in _wrapped(cfg).values():
+        names |= _extra_args(sub)
     return frozenset(names)
 
 

@@ -784,5 +784,69 @@ def test_accepts_ml_collections_config():
         )
     )
     tx = optim.create(ml_collections.FrozenConfigDict(cfg), total_steps=100)
+    plain = optim.create(cfg.to_dict(), total_steps=100)
     params = _init_params()
-    assert jax.tree.structure(tx.init(params)) == jax.tree.structure(tx.init(params))
+    got, _ = run_dict(tx, params, _batches())
+    expected, _ = run_dict(plain, params, _batches())
+    assert_trees_close(got[-1], expected[-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("schedule_free", dict(base_optimizer=dict(name="sgd"))),
+        (
+            "sam",
+            dict(optimizer=dict(name="sgd"), adv_optimizer=dict(name="sgd", learning_rate=0.05)),
+        ),
+    ],
+)
+def test_lr_mult_scales_the_optimizer_a_wrapper_wraps(name, kwargs):
+    """A group's lr_mult on a wrapper is its learning rate times lr_mult, inner optimizer
+    included; sam's adversarial step keeps its size."""
+    params = _init_params()
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)] * 2
+    grads += [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)] * 2
+
+    def head_after(cfg):
+        tx, p = optim.create(cfg, total_steps=10), params
+        state = tx.init(p)
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p["head"]
+
+    group = dict(match="^head/", lr_mult=4.0)
+    grouped = head_after(dict(name=name, learning_rate=LR, kwargs=kwargs, param_groups=[group]))
+    scaled = head_after(dict(name=name, learning_rate=4 * LR, kwargs=kwargs))
+    plain = head_after(dict(name=name, learning_rate=LR, kwargs=kwargs))
+    assert_trees_close(grouped, scaled)
+    assert not np.allclose(grouped["kernel"], plain["kernel"])
+
+
+def test_a_groups_own_weight_decay_mask_must_match_a_parameter():
+    params = _init_params()
+    group = dict(match="^head/", optimizer=dict(name="adamw", weight_decay=0.1,
+                                                weight_decay_mask=["kernal"]))  # fmt: skip
+    cfg = dict(name="adam", learning_rate=1e-3, param_groups=[group])
+    pattern = r"optimizer\.param_groups\[0\]\.optimizer\.weight_decay_mask.*matches no parameter"
+    with pytest.raises(ConfigError, match=pattern):
+        optim.create(cfg, total_steps=10, params=params)
+    with pytest.raises(ConfigError, match=pattern):
+        optim.create(cfg, total_steps=10).init(params)
+    inner = dict(name="adamw", weight_decay=0.1, weight_decay_mask=["kernal"])
+    wrapper = dict(name="schedule_free", learning_rate=1e-3, kwargs=dict(base_optimizer=inner))
+    with pytest.raises(ConfigError, match=r"kwargs\.base_optimizer\.weight_decay_mask"):
+        optim.create(wrapper, total_steps=10).init(params)
+    group["optimizer"]["weight_decay_mask"] = ["kernel"]
+    optim.create(cfg, total_steps=10, params=params).init(params)
+
+
+def test_accumulate_steps_must_divide_the_training_steps():
+    cfg = dict(name="adam", learning_rate=1e-3, accumulate_steps=4)
+    with pytest.raises(ConfigError, match=r"accumulate_steps=4 does not divide the 10 training "
+                       r"steps: the last 2 micro-batches would never be applied \(train for 8 "
+                       r"or 12 steps\)"):  # fmt: skip
+        optim.create(cfg, total_steps=10)
+    assert optim.optimizer_steps(12, 4) == 3

@@ -565,7 +565,7 @@ def run(
             plot_thread = threading.Thread(
                 target=_save_plot,
                 args=(config.optimizer,),
-                kwargs=dict(total_steps=max(total_steps // accumulate, 1), path=plot),
+                kwargs=dict(total_steps=optim.optimizer_steps(total_steps, accumulate), path=plot),
                 daemon=True,
             )
             plot_thread.start()
