@@ -102,6 +102,16 @@ def map_with_paths(fn: Callable[[Path, Any], Any], tree: PyTree) -> PyTree:
     )
 
 
+def _unwrapped(tree: PyTree) -> PyTree:
+    """``tree`` with each ``nnx.Variable`` replaced by its value: the structure of the arrays
+    ``nnx.Optimizer`` hands optax (a tree of plain leaves is also a prefix of the variables')."""
+    if not any(_is_flax_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_flax_variable)):
+        return tree
+    return jax.tree.map(
+        lambda x: x.get_value() if _is_flax_variable(x) else x, tree, is_leaf=_is_flax_variable
+    )
+
+
 def path_tree(tree: PyTree) -> PyTree:
     """Returns a tree like ``tree`` whose leaves are their ``'/'``-joined path strings."""
     return map_with_paths(lambda path, _: str(path), tree)
@@ -227,10 +237,16 @@ def as_predicate(patterns: Patterns, where: str = "patterns", *, tree: PyTree = 
     return lambda path, leaf: any(p.search(str(path)) for p in compiled)
 
 
-def match(tree: PyTree, patterns: Patterns) -> PyTree:
-    """Returns a bool tree like ``tree``: True where the path matches ``patterns``."""
+def match(tree: PyTree, patterns: Patterns, *, keep_variables: bool = False) -> PyTree:
+    """Returns a bool tree like ``tree``: True where the path matches ``patterns``.
+
+    Of an ``nnx.State`` the tree has plain leaves, as ``nnx.Optimizer`` passes parameters to
+    optax's ``update`` (a prefix of the state's ``Variable`` nodes, which its ``init`` gets).
+    ``keep_variables=True`` keeps them: for a mask computed inside optax from the tree it got.
+    """
     predicate = as_predicate(patterns, tree=tree)
-    return map_with_paths(lambda path, leaf: bool(predicate(path, leaf)), tree)
+    result = map_with_paths(lambda path, leaf: bool(predicate(path, leaf)), tree)
+    return result if keep_variables else _unwrapped(result)
 
 
 def check_patterns_match(tree: PyTree, patterns: Patterns, where: str) -> None:
@@ -269,16 +285,25 @@ def check_patterns_match(tree: PyTree, patterns: Patterns, where: str) -> None:
             )
 
 
-def label_tree(tree: PyTree, fn: Callable[[Path, Any], Any]) -> PyTree:
+def label_tree(
+    tree: PyTree, fn: Callable[[Path, Any], Any], *, keep_variables: bool = False
+) -> PyTree:
     """Returns a tree like ``tree`` whose leaves are ``fn(path, leaf)`` (e.g. group labels),
-    ready for ``optax.multi_transform``/``optax.partition``."""
-    return map_with_paths(fn, tree)
+    ready for ``optax.multi_transform``/``optax.partition``; ``nnx.State`` and
+    ``keep_variables`` as in :func:`match`."""
+    result = map_with_paths(fn, tree)
+    return result if keep_variables else _unwrapped(result)
 
 
 def labels_by_patterns(
-    tree: PyTree, groups: Sequence[tuple[Any, Patterns]], default: Any = "default"
+    tree: PyTree,
+    groups: Sequence[tuple[Any, Patterns]],
+    default: Any = "default",
+    *,
+    keep_variables: bool = False,
 ) -> PyTree:
-    """Labels each leaf with the label of the first ``(label, patterns)`` group it matches."""
+    """Labels each leaf with the label of the first ``(label, patterns)`` group it matches;
+    ``nnx.State`` and ``keep_variables`` as in :func:`match`."""
     predicates = [(label, as_predicate(p, tree=tree)) for label, p in groups]
 
     def label(path: Path, leaf: Any) -> Any:
@@ -287,16 +312,19 @@ def labels_by_patterns(
                 return name
         return default
 
-    return map_with_paths(label, tree)
+    return label_tree(tree, label, keep_variables=keep_variables)
 
 
-def decay_mask(tree: PyTree, spec: Patterns = "matrices") -> PyTree:
+def decay_mask(
+    tree: PyTree, spec: Patterns = "matrices", *, keep_variables: bool = False
+) -> PyTree:
     """Returns the weight-decay mask of ``tree``: True where weight decay applies.
 
     ``spec`` is ``'all'``, ``'matrices'`` (rank >= 2: kernels and embeddings, not biases or
     norm scales), or any selection (regexes, a predicate, a bool tree, a mask function).
+    ``nnx.State`` and ``keep_variables`` as in :func:`match`.
     """
-    return match(tree, decay_predicate(spec, tree=tree))
+    return match(tree, decay_predicate(spec, tree=tree), keep_variables=keep_variables)
 
 
 def is_named(spec: Any, name: str) -> bool:
@@ -318,7 +346,7 @@ def decay_predicate(spec: Patterns = "matrices", *, tree: PyTree = None) -> Pred
 
 def decay_mask_fn(spec: Patterns = "matrices") -> Callable[[PyTree], PyTree]:
     """Returns ``params -> decay_mask(params, spec)``, the callable form optax's ``mask=`` takes."""
-    return lambda params: decay_mask(params, spec)
+    return lambda params: decay_mask(params, spec, keep_variables=True)
 
 
 # ----------------------------------------------------------------------------- partition

@@ -44,6 +44,7 @@ parent's learning rate and schedule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -102,6 +103,12 @@ _MUON_ADAM_KWARGS = {
 _KWARG_ALIASES = {"muon": {"momentum": "beta"}, "noisy_sgd": {"seed": "key"}}
 # Kwargs optax warns about when left unset, set here to the value optax falls back to.
 _KWARG_DEFAULTS = {"noisy_sgd": {"key": 0}}
+# Optimizers that estimate their own step size (the learning rate only scales it) and decay the
+# weights inside it, to every parameter: decay outside them, as for a mask, would be at the
+# learning rate's scale, far too strong.
+_OWN_STEP_SIZE = ("dadapt_adamw", "mechanize", "momo", "momo_adam", "prodigy")
+# Wrappers whose inner transformation scales gradients and must not apply a learning rate.
+_SCALING_ONLY_ARGS = {"galore": "base_optimizer"}
 _MAX_CONSECUTIVE_NONFINITE = 2**31 - 1  # skip forever; the count is what gets reported
 
 
@@ -113,7 +120,10 @@ def _discover_optimizers() -> dict[str, Callable[..., optax.GradientTransformati
             fn = getattr(module, name)
             if name.startswith(("_", "scale_by")) or name in _NOT_OPTIMIZERS:
                 continue
-            if not inspect.isfunction(fn):
+            if isinstance(fn, functools.partial):  # nadam, nadamw: partials of adam(w)
+                if not inspect.isfunction(fn.func):
+                    continue
+            elif not inspect.isfunction(fn):
                 continue
             try:
                 params = inspect.signature(fn).parameters
@@ -292,9 +302,10 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
         module = next((m for m, mod in modules.items() if hasattr(mod, name)), None)
         if module is not None:
             raise ConfigError(
-                f"{where}.name: {module}.{name} is not an optimizer that takes a learning rate "
-                "(a transform or wrapper); chain it with the optimizer create() returns, e.g. "
-                f"optax.chain(optim.create(...), {module}.{name}(...))"
+                f"{where}.name: {module}.{name} is a transform or wrapper, not an optimizer that "
+                "takes a learning rate; combine it with the transformation create() returns "
+                f"where its documentation says (optax.chain(..., optim.create(...), ...) for a "
+                f"transform, {module}.{name}(optim.create(...), ...) for a wrapper)"
             )
     if not isinstance(name, str) or name not in OPTIMIZERS:
         raise unknown("optimizer", f"{where}.name", name, OPTIMIZERS)
@@ -310,6 +321,11 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
     if _selects(mask):
         mask = _patterns(mask, f"{where}.weight_decay_mask")
     cfg["weight_decay_mask"] = mask
+    if name in _OWN_STEP_SIZE and cfg["weight_decay"] and not masks.is_named(mask, "all"):
+        raise ConfigError(
+            f"{where}.weight_decay_mask: {name!r} decays every parameter itself, inside the step "
+            f"size it estimates, and takes no mask; set {where}.weight_decay_mask='all'"
+        )
     _check_kwargs(cfg, where)
     _check_schedule_fits(cfg, where)
     return cfg
@@ -370,6 +386,12 @@ def _check_kwargs(cfg: dict[str, Any], where: str) -> None:
             raise unknown(f"argument of optax {name}()", f"{where}.kwargs.{key}", key, valid)
     for key in _SUB_OPTIMIZER_ARGS:
         if isinstance(kwargs.get(key), Mapping) or hasattr(kwargs.get(key), "to_dict"):
+            if _SCALING_ONLY_ARGS.get(name) == key:
+                raise ConfigError(
+                    f"{where}.kwargs.{key}: {name!r} takes a gradient scaling transformation "
+                    f"without a learning rate (e.g. optax.scale_by_adam()), not an optimizer "
+                    f"config; leave it out for {name}'s default"
+                )
             kwargs[key] = _check_sub(as_dict(kwargs[key]), f"{where}.kwargs.{key}", cfg)
     required = [
         p.name
@@ -617,7 +639,10 @@ def create(
         parts.append(ema_params(cfg["ema_decay"]))
     tx = optax.chain(*parts)
     if k > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+        # Not MultiSteps.gradient_transformation(): a plain GradientTransformation, whose
+        # update optax.with_extra_args_support would call without momo's value=, sophia's obj_fn=.
+        multi_steps = optax.MultiSteps(tx, every_k_schedule=k)
+        tx = optax.GradientTransformationExtraArgs(multi_steps.init, multi_steps.update)
     if cfg["skip_nonfinite"]:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=_MAX_CONSECUTIVE_NONFINITE)
     if _given(cfg["freeze"]):
@@ -655,9 +680,8 @@ def _has_patterns(cfg: dict[str, Any]) -> bool:
 
 def _group_labels(groups: list[Group]) -> Callable[[PyTree], PyTree]:
     def labels(params: PyTree) -> PyTree:
-        return masks.labels_by_patterns(
-            params, [(g.label, g.match) for g in groups if g.match is not None]
-        )
+        groups_with_match = [(g.label, g.match) for g in groups if g.match is not None]
+        return masks.labels_by_patterns(params, groups_with_match, keep_variables=True)
 
     return labels
 
@@ -689,8 +713,16 @@ def _check_patterns(cfg: dict[str, Any], params: PyTree) -> None:
 
 def _check_decay_masks(cfg: dict[str, Any], params: PyTree, where: str) -> None:
     """Checks the weight decay masks of a sub-config and of the optimizers it wraps."""
-    if _selects(cfg["weight_decay_mask"]) and cfg["weight_decay"]:
-        masks.check_patterns_match(params, cfg["weight_decay_mask"], f"{where}.weight_decay_mask")
+    mask, wd = cfg["weight_decay_mask"], cfg["weight_decay"]
+    if _selects(mask) and wd:
+        masks.check_patterns_match(params, mask, f"{where}.weight_decay_mask")
+        if not any(jax.tree.leaves(masks.decay_mask(params, mask))):
+            raise ConfigError(
+                f"{where}.weight_decay_mask selects no parameter, so weight_decay={wd!r} would "
+                "change nothing (a mask testing `'kernel' in path` on a jax key path is never "
+                "true: the regex 'kernel' or a predicate (path, leaf) -> bool on plugins paths "
+                "works)"
+            )
     for key, sub in _wrapped(cfg).items():
         _check_decay_masks(sub, params, f"{where}.kwargs.{key}")
 

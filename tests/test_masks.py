@@ -105,7 +105,10 @@ def test_predicates():
 def test_match_and_decay_masks_keep_structure():
     params = nnx_params()
     m = masks.match(params, [r"kernel$", r"^embed/"])
-    assert jax.tree.structure(m) == jax.tree.structure(params)
+    # The structure of the arrays nnx.Optimizer hands optax: the state without its Variables.
+    assert jax.tree.structure(m) == jax.tree.structure(nnx.pure(params))
+    linen = linen_params()
+    assert jax.tree.structure(masks.decay_mask(linen)) == jax.tree.structure(linen)
     flat = dict(zip(masks.path_strings(m), jax.tree.leaves(m), strict=True))
     assert flat == {
         "blocks/0/bias": False,
@@ -134,6 +137,30 @@ def test_label_trees_feed_optax_multi_transform_on_nnx_state():
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np.testing.assert_allclose(after["out"]["kernel"], before["out"]["kernel"] - 1.0)
     np.testing.assert_array_equal(after["embed"]["embedding"], before["embed"]["embedding"])
+
+
+def test_trees_built_from_nnx_state_feed_optax_in_nnx_optimizer():
+    """Masks and labels computed once from ``nnx.state(model, nnx.Param)``, as the tutorial
+    does, fit the parameters ``nnx.Optimizer`` passes to optax."""
+    model = NnxNet(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    labels = masks.label_tree(state, lambda path, _: "head" if path[0] == "out" else "body")
+    head_only = optax.multi_transform({"head": optax.sgd(1.0), "body": optax.set_to_zero()}, labels)
+    frozen_body = optax.chain(
+        optax.sgd(1.0), optax.masked(optax.set_to_zero(), masks.match(state, "^(?!out/)"))
+    )
+    decayed = optax.adamw(1.0, weight_decay=0.5, mask=masks.decay_mask(state))
+    for tx in (head_only, frozen_body, decayed):
+        model = NnxNet(nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+        after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        assert not np.allclose(after["out"]["kernel"], before["out"]["kernel"])
+        if tx is not decayed:
+            np.testing.assert_array_equal(after["embed"]["embedding"], before["embed"]["embedding"])
+        # Functional use on the state itself (Variables in the tree) takes the same trees.
+        tx.update(jax.tree.map(jnp.ones_like, state), tx.init(state), state)
 
 
 def test_partition_as_the_cheat_sheet_writes_it():

@@ -7,6 +7,7 @@ compared with the hand-written optax chain on the same params dict.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -714,6 +715,14 @@ def test_schedule_free_eval_params_match_optax():
             r"'momentum' is another name for 'beta'",
         ),
         (dict(name="adamw", learning_rate=1e-3, clip_global_norm=-1.0), r"clip_global_norm"),
+        (
+            dict(name="galore", learning_rate=1e-3, kwargs=dict(base_optimizer=dict(name="adam"))),
+            r"kwargs\.base_optimizer: 'galore' takes a gradient scaling transformation",
+        ),
+        (
+            dict(name="prodigy", learning_rate=1.0, weight_decay=0.01),
+            r"weight_decay_mask: 'prodigy' decays every parameter itself.*='all'",
+        ),
     ],
 )
 def test_bad_config_raises_one_clear_error(config, pattern):
@@ -729,9 +738,13 @@ def test_bad_config_raises_one_clear_error(config, pattern):
         (dict(name="adam", lr=0.1), r"optimizer\.lr \(did you mean 'learning_rate'"),
         (
             dict(name="split_real_and_imaginary", learning_rate=0.1),
-            r"optax\.contrib\.split_real_and_imaginary is not an optimizer that takes a learning",
+            r"optax\.contrib\.split_real_and_imaginary is a transform or wrapper, not an optimizer",
         ),
-        (dict(name="scale_by_adam", learning_rate=0.1), r"chain it with the optimizer create"),
+        (dict(name="scale_by_adam", learning_rate=0.1), r"optax\.chain\(\.\.\., optim\.create"),
+        (
+            dict(name="differentially_private_aggregate", learning_rate=0.1),
+            r"transform or wrapper, not an optimizer.*where its documentation says",
+        ),
         (dict(name="adam", learning_rate=0.1, kwargs=dict(lr=0.1)), r"set optimizer\.learn"),
         (
             dict(name="adam", learning_rate=0.1, kwargs=dict(betas=(0.9, 0.99))),
@@ -850,3 +863,69 @@ def test_accumulate_steps_must_divide_the_training_steps():
                        r"or 12 steps\)"):  # fmt: skip
         optim.create(cfg, total_steps=10)
     assert optim.optimizer_steps(12, 4) == 3
+
+
+@pytest.mark.parametrize("name, extra", [("momo", "value"), ("sophia", "obj_fn")])
+def test_accumulation_passes_the_extra_arguments_on(name, extra):
+    """momo's value= and sophia's obj_fn= reach the optimizer through MultiSteps."""
+    params, batches = _init_params(), _batches(n=4)
+    cfg = dict(name=name, learning_rate=LR, accumulate_steps=2)
+    tx = optim.create(cfg, total_steps=4)
+    reference = optax.MultiSteps(optim.create(dict(cfg, accumulate_steps=1), total_steps=2), 2)
+
+    def loss_fn(p, x, y):
+        return _loss(LinenMLP().apply({"params": p}, x), y)
+
+    def run(tx):
+        p, state = params, tx.init(params)
+        for x, y in batches:
+            loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+            kwargs = (
+                {"value": loss}
+                if extra == "value"
+                else {"obj_fn": functools.partial(loss_fn, x=x, y=y)}
+            )
+            updates, state = tx.update(grads, state, p, **kwargs)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    got = run(tx)
+    assert_trees_close(got, run(reference))
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), got, params)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_own_step_size_optimizers_take_weight_decay_on_every_parameter():
+    params, batches = _init_params(), _batches()
+    cfg = dict(name="prodigy", learning_rate=1.0, weight_decay=0.01, weight_decay_mask="all")
+    got, _ = run_dict(optim.create(cfg, total_steps=TOTAL_STEPS), params, batches)
+    expected, _ = run_dict(optax.contrib.prodigy(1.0, weight_decay=0.01), params, batches)
+    assert_trees_close(got[-1], expected[-1])
+
+
+def test_nadam_is_an_optimizer():
+    params, batches = _init_params(), _batches()
+    got, _ = run_dict(
+        optim.create(dict(name="nadamw", learning_rate=LR), total_steps=10), params, batches
+    )
+    expected, _ = run_dict(optax.nadamw(LR), params, batches)
+    assert_trees_close(got[-1], expected[-1])
+
+
+def test_a_decay_mask_that_selects_nothing_is_an_error():
+    """The tutorial's mask function tests ``'kernel' in path`` on jax key paths: never true."""
+    params = _init_params()
+
+    def create_weight_decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in path, params)
+
+    cfg = dict(name="adamw", learning_rate=LR, weight_decay=0.1)
+    with pytest.raises(
+        ConfigError, match=r"weight_decay_mask selects no parameter.*'kernel' in path"
+    ):
+        optim.create(dict(cfg, weight_decay_mask=create_weight_decay_mask), total_steps=10).init(
+            params
+        )
+    fixed = lambda path, _: "kernel" in path  # a plugins path: tuple of keys and '/'-joined string
+    state = optim.create(dict(cfg, weight_decay_mask=fixed), total_steps=10).init(params)
+    assert state is not None

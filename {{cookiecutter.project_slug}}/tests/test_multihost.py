@@ -1,9 +1,10 @@
-"""Two processes train like one: ``main.py`` run twice on this machine.
+"""Two processes train like one, and one device like eight: ``main.py`` run on this machine.
 
 Each process gets 4 simulated CPU devices (8 in all, as many as this test process has), gloo
 collectives and a coordinator on 127.0.0.1. They must give the loss curve of one process with
 the same global batch, write TensorBoard events from process 0 only, write each checkpoint once,
-and both resume from it when the command is run again -- also after SIGTERM to one of them.
+and both resume from it when the command is run again -- also after SIGTERM to one of them. One
+process on one device must give the loss curve of this process's 8 devices.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env(devices_per_process: int) -> dict[str, str]:
+    """This process's environment for ``main.py`` on CPU devices, without a cluster's."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+    }
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    return env
+
+
 def _launch(
     workdir: Path,
     num_train_steps: int,
@@ -49,14 +63,7 @@ def _launch(
     With ``sigterm_after_checkpoint=n``, process 0 alone gets SIGTERM once checkpoint ``n`` is
     written, and both must exit with 143 (preempted); otherwise both must exit with 0.
     """
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-    }
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)
+    env = _env(devices_per_process=4)
     overrides = {**overrides, "num_train_steps": num_train_steps}
     port = _free_port()
     command = [
@@ -209,5 +216,38 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path):
             [seen[name][s] for s, _ in expected[name]],
             [value for _, value in expected[name]],
             rtol=2e-4,
+            err_msg=name,
+        )
+
+
+def test_one_device_trains_like_eight(tmp_path):
+    """The same config and global batch on one device: the curve of 8 devices, to float32
+    rounding (the gradient is summed in another order)."""
+    workdir = tmp_path / "one-device"
+    overrides = {**OVERRIDES, "num_train_steps": STEPS[0]}
+    command = [
+        sys.executable, "main.py", "--config=configs/quick.py", f"--workdir={workdir}",
+        *(f"--config.{key}={value}" for key, value in overrides.items()),
+    ]  # fmt: skip
+    run = subprocess.run(
+        command, cwd=PROJECT, env=_env(devices_per_process=1), capture_output=True, text=True,
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert f"Training steps 1 to {STEPS[0]} on 1 device(s)" in output, output[-4000:]
+    (path,) = workdir.glob("events.out.tfevents.*")
+    seen = _events(path)
+
+    config = quick.get_config()
+    config.update_from_flattened_dict(overrides)
+    expected = train.train_and_evaluate(config, str(tmp_path / "eight-devices"))
+    for name in ("train_loss", "grad_norm", "eval_loss", "eval_accuracy"):
+        assert sorted(seen[name]) == [step for step, _ in expected[name]], name
+        np.testing.assert_allclose(
+            [seen[name][step] for step, _ in expected[name]],
+            [value for _, value in expected[name]],
+            rtol=1e-5,
+            atol=1e-6,
             err_msg=name,
         )

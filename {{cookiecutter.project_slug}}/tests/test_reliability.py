@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -358,7 +359,44 @@ def test_nonfinite_without_skipping_stops_and_keeps_the_last_checkpoint(tmp_path
     assert isinstance(message, str) and "\n" not in message  # printed to stderr, exit code 1
     assert message.startswith("non-finite: the loss or gradients became NaN/Inf at step 13 ")
     assert "the last good checkpoint, step 10" in message
+    # Skipping changes the optimizer state: the checkpoint here cannot be resumed with it.
+    assert message.endswith(
+        "skip_nonfinite=True in a new --workdir (skipping adds to the optimizer state, so these "
+        "checkpoints cannot resume with it)"
+    )
     assert _checkpoint_steps(tmp_path) == [10]
+
+
+def test_finite_gradients_whose_norm_overflows_are_counted_as_finite():
+    """As optax.apply_if_finite judges them (element by element): the step is applied, so its
+    loss and accuracy belong in the averages."""
+
+    class OneDevice:
+        mean = staticmethod(lambda tree: tree)
+
+    step = trainer.train_metrics(
+        OneDevice(), loss=jnp.float32(0.5), logits=jnp.eye(2), labels=jnp.arange(2),
+        grads={"w": jnp.full((4,), 1e19, jnp.float32)}, learning_rate=jnp.float32(0.1),
+    )  # fmt: skip
+    scalars = step.compute()
+    assert math.isinf(scalars["grad_norm"])  # the norm overflows float32; no gradient does
+    assert scalars["train_loss"] == 0.5 and scalars["train_accuracy"] == 1.0
+    assert int(scalars["first_nonfinite"]) == 0
+
+
+def test_a_diverging_run_that_skips_nonfinite_gradients_says_what_overflowed(tmp_path):
+    config = quick.get_config()
+    config.optimizer.learning_rate = 1e6
+    config.optimizer.skip_nonfinite = True
+    with pytest.raises(trainer.NonFiniteError) as raised:
+        train.train_and_evaluate(config, str(tmp_path))
+    message = str(raised.value)
+    overflowed = (
+        "the gradients were finite (skip_nonfinite skips only non-finite ones) but the updates "
+        "overflowed the parameters or the optimizer state"
+    )
+    assert overflowed in message
+    assert message.endswith("not saved: no checkpoint was saved")
 
 
 def test_long_log_interval_on_eight_cpu_devices(tmp_path):

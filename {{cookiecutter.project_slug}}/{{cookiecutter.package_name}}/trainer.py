@@ -102,19 +102,23 @@ class FirstNonfinite(metrics.Metric):
 
     @classmethod
     def empty(cls) -> "FirstNonfinite":
+        """No steps merged yet."""
         return cls(steps=jnp.array(0, jnp.int32), first=jnp.array(-1, jnp.int32))
 
     @classmethod
     def from_model_output(cls, *, finite: jax.Array, **_: Any) -> "FirstNonfinite":
+        """One step, finite or not."""
         first = jnp.where(finite, -1, 0).astype(jnp.int32)
         return cls(steps=jnp.ones_like(first), first=first)
 
     def merge(self, other: "FirstNonfinite") -> "FirstNonfinite":
+        """These steps followed by ``other``'s."""
         later = jnp.where(other.first >= 0, self.steps + other.first, -1)
         first = jnp.where(self.first >= 0, self.first, later)
         return type(self)(steps=self.steps + other.steps, first=first)
 
     def compute(self) -> jax.Array:
+        """Steps back from the last one to the first non-finite one, counting both; 0: none."""
         return jnp.where(self.first >= 0, self.steps - self.first, 0)
 
 
@@ -339,13 +343,16 @@ def train_metrics(
     # gathering whole metrics from each (the same numbers: every device holds as many examples).
     loss, accuracy = dp.mean((loss.astype(jnp.float32), accuracy))
     grad_norm = optax.global_norm(grads).astype(jnp.float32)  # NaN/Inf if any gradient is
+    # Finite as optax.apply_if_finite judges it (every gradient element; the norm of large
+    # finite gradients can overflow), and with a finite loss.
+    grads_finite = jnp.all(jnp.asarray([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
     return TrainMetrics.single_from_model_output(
         loss=loss,
         accuracy=accuracy,
         grad_norm=grad_norm,
         learning_rate=jnp.asarray(learning_rate, jnp.float32),
         nonfinite_count=jnp.asarray(nonfinite_count, jnp.float32),
-        finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        finite=jnp.isfinite(loss) & grads_finite,
     )
 
 
@@ -587,24 +594,33 @@ def run(
 
     skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
 
+    def kept() -> str:
+        """What a run stopped for NaN/Inf leaves behind."""
+        good = checkpoints.latest_step()
+        if good is None:
+            return "no checkpoint was saved"
+        return (
+            f"the last good checkpoint, step {good} in {workdir_path / 'checkpoints'}, is intact "
+            "and a rerun resumes from it"
+        )
+
     def check_finite(step: int, back: float) -> None:
         """Stops the run if a step up to ``step`` had a NaN/Inf loss or gradient (``back`` is
         ``FirstNonfinite.compute()``), unless the optimizer skips such steps."""
         if not back or skip_nonfinite:
             return
         first = step - int(back) + 1
-        good = checkpoints.latest_step()
-        kept = (
-            f"the last good checkpoint, step {good} in {workdir_path / 'checkpoints'}, is intact "
-            "and a rerun resumes from it"
-            if good is not None
-            else "no checkpoint was saved"
+        where = (
+            " in a new --workdir (skipping adds to the optimizer state, so these checkpoints "
+            "cannot resume with it)"
+            if checkpoints.latest_step() is not None
+            else ""
         )
         raise NonFiniteError(
             first,
             f"the loss or gradients became NaN/Inf at step {first} (found at step {step}); "
-            f"stopped without saving: {kept}. To skip such batches instead, set "
-            "--config.optimizer.skip_nonfinite=True",
+            f"stopped without saving: {kept()}. To skip such batches instead, set "
+            f"--config.optimizer.skip_nonfinite=True{where}",
         )
 
     def warn_if_all_skipped(step: int, scalars: dict[str, float]) -> None:
@@ -622,10 +638,16 @@ def run(
     def save_checkpoint(step: int, state: Any, accumulated: TrainMetrics) -> None:
         saved = dict(state=dp.host_state(state), train_metrics=dp.host_state(accumulated))
         if not bool(_all_finite(saved)):
+            why = (
+                ": the gradients were finite (skip_nonfinite skips only non-finite ones) but the "
+                "updates overflowed the parameters or the optimizer state; a lower learning rate "
+                "or clip_global_norm may help"
+                if skip_nonfinite
+                else ""
+            )
             raise NonFiniteError(
                 step,
-                f"the train state holds NaN/Inf at step {step}; not saving it (the last good "
-                f"checkpoint: step {checkpoints.latest_step()} in {workdir_path / 'checkpoints'})",
+                f"the train state holds NaN/Inf at step {step}{why}; not saved: {kept()}",
             )
         writer.flush()  # what was logged up to this checkpoint is on disk before it exists
         checkpoints.save(step, args=ocp.args.StandardSave(saved))
