@@ -5,6 +5,7 @@ what it met on the way: ``flags.Error`` for a value of the wrong type, ``SyntaxE
 file, ``AttributeError``/``KeyError`` for an override of a key the (locked) config lacks, and an
 ``OSError`` on first use of a file that could not be read. These functions turn each into the
 one line a user needs; the generated project's ``main.py`` and ``plugins-lr-curve`` share them.
+``workdir_problem`` checks a ``--workdir`` up front, before anything is loaded or compiled.
 
     try:
         FLAGS(argv)
@@ -14,6 +15,7 @@ one line a user needs; the generated project's ``main.py`` and ``plugins-lr-curv
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 
@@ -80,3 +82,26 @@ def load_error_line(error: OSError, argv: Sequence[str]) -> str:
     text = innermost_message(error)
     found = re.search(r"\[Errno \d+\] ([^:]+)", text)
     return cannot_load_line(argv, found.group(1) if found else text)
+
+
+def workdir_problem(workdir: str) -> str | None:
+    """Why a run could not write to ``workdir`` (a file, not writable, under a file), or None.
+
+    Creates nothing: a directory that does not exist yet is fine when its nearest existing
+    parent is a directory this process can write to.
+    """
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return f"{workdir} is a file, not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{workdir} is not writable (checkpoints and TensorBoard events go there)"
+        return None
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{workdir} cannot be created: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{workdir} cannot be created: {parent} is not writable"
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -65,3 +67,37 @@ def test_a_file_that_cannot_be_loaded(tmp_path, text, why):
     assert _parse(["prog", "--config", str(path)]) == (
         f"config error: cannot load --config={path}: {why}"
     )
+
+
+def test_workdir_problems_are_found_before_anything_is_created(tmp_path):
+    assert config_cli.workdir_problem(str(tmp_path)) is None
+    assert config_cli.workdir_problem(str(tmp_path / "new" / "run")) is None
+    assert not (tmp_path / "new").exists()
+    file = tmp_path / "file"
+    file.write_text("")
+    assert config_cli.workdir_problem(str(file)) == f"{file} is a file, not a directory"
+    assert config_cli.workdir_problem(str(file / "run")) == (
+        f"{file / 'run'} cannot be created: {file} is a file"
+    )
+
+
+def test_a_workdir_that_cannot_be_written_is_a_problem(tmp_path, monkeypatch):
+    """What ``os.access`` says decides (it knows read-only mounts; root may write anywhere else,
+    so the answer is simulated here)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        config_cli.os,
+        "access",
+        lambda path, mode: (
+            not (mode & os.W_OK and str(path) == str(locked)) and real_access(path, mode)
+        ),
+    )
+    assert config_cli.workdir_problem(str(locked)) == (
+        f"{locked} is not writable (checkpoints and TensorBoard events go there)"
+    )
+    assert config_cli.workdir_problem(str(locked / "run")) == (
+        f"{locked / 'run'} cannot be created: {locked} is not writable"
+    )
+    assert config_cli.workdir_problem(str(tmp_path / "other")) is None

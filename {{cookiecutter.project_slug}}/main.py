@@ -43,14 +43,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drops the INFO chatter of orbax, tfds and clu's work-unit notes; keeps warnings."""
+    """Drops the INFO chatter of orbax, tfds and clu's work-unit notes; keeps warnings, but for
+    orbax's on each resume that an item has no ``_CHECKPOINT_METADATA`` (only the step has one:
+    orbax writes it so)."""
 
     NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/platform/")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or not any(
-            part in record.pathname.replace("\\", "/") for part in self.NOISY
-        )
+        path = record.pathname.replace("\\", "/")
+        if "/orbax/" in path and str(record.msg).startswith("Metadata file does not exist"):
+            return False
+        return record.levelno >= std_logging.WARNING or not any(part in path for part in self.NOISY)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -129,11 +132,28 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Sets up JAX, then runs ``train.train_and_evaluate``."""
+    """Checks the workdir, then runs; Ctrl-C where the training steps do not catch it (they save
+    a checkpoint first) ends the program with one line and exit code 130."""
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        sys.exit(f"flag error: unexpected argument(s) {' '.join(argv[1:])}; flags are --name=value")
+    problem = config_cli.workdir_problem(FLAGS.workdir)
+    if problem:
+        sys.exit(f"workdir error: {problem}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the checkpoints already saved are intact and a rerun "
+              "resumes from the latest", file=sys.stderr, flush=True)  # fmt: skip
+        logging.flush()
+        # Not sys.exit: TensorFlow may be importing in a background thread, and interpreter
+        # shutdown under it aborts the process.
+        os._exit(130)
 
+
+def run() -> None:
+    """Joins the other processes (if any), turns on the compilation cache, trains, prints the
+    final accuracy."""
     from plugins import sharding
 
     # Before any other JAX call: joins the other processes when a coordinator is given.

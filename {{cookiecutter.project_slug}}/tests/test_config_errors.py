@@ -8,8 +8,10 @@ untouched workdir end to end.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.monitoring
@@ -291,6 +293,49 @@ def test_override_of_the_wrong_type_is_one_line(tmp_path):
     line = _one_line(result)
     assert line.startswith("flag error: ") and "batch_size" in line, line
     assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_line_at_once(tmp_path):
+    file = tmp_path / "run"
+    file.write_text("not a directory")
+    line = _one_line(_main(tmp_path, "--config=configs/quick.py", f"--workdir={file}"))
+    assert line == f"workdir error: {file} is a file, not a directory", line
+    assert file.read_text() == "not a directory"
+
+
+def test_a_stray_argument_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    result = _main(tmp_path, "--config=configs/quick.py", f"--workdir={workdir}", "quick")
+    line = _one_line(result)
+    assert line == "flag error: unexpected argument(s) quick; flags are --name=value", line
+    assert not workdir.exists()
+
+
+def test_ctrl_c_while_starting_up_is_one_line(tmp_path):
+    """SIGINT once the program logs its devices (it then loads data and compiles, before the
+    training steps take over Ctrl-C): exit code 130, one line, no traceback."""
+    log, workdir = tmp_path / "out.log", tmp_path / "run"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "main.py", "--config=configs/quick.py", f"--workdir={workdir}"],
+            cwd=PROJECT, stdout=out, stderr=subprocess.STDOUT, text=True,
+            # A background job's children ignore SIGINT; a terminal's get Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "devices: [" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    last = output.rstrip().splitlines()[-1]
+    assert last.startswith("interrupted ("), output[-3000:]
 
 
 def test_override_that_does_not_divide_is_one_line(tmp_path):

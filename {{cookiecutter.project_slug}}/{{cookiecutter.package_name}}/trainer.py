@@ -561,21 +561,23 @@ def run(
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_chief)
     plot_thread = None
     if is_chief:
-        if initial_step == 0:
-            writer.write_hparams(_flat_hparams(config))
+        # Each run records its own config (a rerun may train longer, or with another batch size).
+        writer.write_hparams(_flat_hparams(config))
         logging.info(
             "Parameters:\n%s", masks.summary(task.params, config.optimizer, total_steps=total_steps)
         )
-        plot = workdir_path / "learning_rate.png"
-        if not plot.exists():  # matplotlib is slow to import: plot while the steps compile
-            accumulate = config.optimizer.get("accumulate_steps", 1) or 1
-            plot_thread = threading.Thread(
-                target=_save_plot,
-                args=(config.optimizer,),
-                kwargs=dict(total_steps=optim.optimizer_steps(total_steps, accumulate), path=plot),
-                daemon=True,
-            )
-            plot_thread.start()
+        # matplotlib is slow to import: plot while the steps compile.
+        accumulate = config.optimizer.get("accumulate_steps", 1) or 1
+        plot_thread = threading.Thread(
+            target=_save_plot,
+            args=(config.optimizer,),
+            kwargs=dict(
+                total_steps=optim.optimizer_steps(total_steps, accumulate),
+                path=workdir_path / "learning_rate.png",
+            ),
+            daemon=True,
+        )
+        plot_thread.start()
 
     history: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
 
