@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.monitoring
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -509,13 +510,25 @@ def test_other_bad_values():
     assert "optimizer.schedule.num_cycles" in msg
 
 
-def test_errors_come_before_compiling(monkeypatch):
-    # create() validates eagerly: it never has to trace the schedule to find a bad config.
-    def boom(*args, **kwargs):
-        raise AssertionError("compiled before validating")
+_COMPILED: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **kwargs: (
+        _COMPILED.append(str(kwargs.get("fun_name", name)))
+        if name.startswith("/jax/core/compile/")
+        else None
+    )
+)
 
-    monkeypatch.setattr(jax, "jit", boom)
+
+def test_errors_come_before_compiling():
+    """create() validates eagerly: a bad config is an error before any JAX computation is
+    compiled."""
+    _COMPILED.clear()
     error(dict(name="warmup_cosine", warmup_steps=TOTAL * 2))
+    error(dict(name="sgdr", num_cycles=2000))
+    assert _COMPILED == []
+    jax.jit(lambda x: x * 3 + 1)(1.0)  # a function never compiled before: the listener sees it
+    assert _COMPILED
 
 
 def test_custom_where_prefix():

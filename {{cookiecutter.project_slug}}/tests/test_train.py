@@ -112,10 +112,13 @@ def test_finished_run_only_evaluates(tmp_path):
     config.optimizer.schedule.warmup_steps = 2
     config.optimizer.ema_decay = 0.9  # evaluates the EMA parameters
     config.half_precision = True  # bfloat16 compute
-    train.train_and_evaluate(config, str(tmp_path))
+    first = train.train_and_evaluate(config, str(tmp_path))
     again = train.train_and_evaluate(config, str(tmp_path))
     assert "train_loss" not in again
     assert again["eval_accuracy"][0][0] == 4
+    # The restored state is evaluated as the run evaluated it at its end (EMA included).
+    assert again["eval_loss"] == first["eval_loss"][-1:]
+    assert again["eval_accuracy"] == first["eval_accuracy"][-1:]
 
 
 @pytest.mark.parametrize(
