@@ -245,7 +245,7 @@ def shard_prng_key(key: jax.Array, num_devices: int | None = None) -> jax.Array:
 def prefetch_to_device(
     iterator: Iterable[PyTree], size: int = 2, devices: Sequence[jax.Device] | None = None
 ) -> Iterator[PyTree]:
-    """Puts the next ``size`` sharded batches on the devices while the current one is used.
+    """Puts the next ``size - 1`` sharded batches on the devices while the current one is used.
 
     Like ``flax.jax_utils.prefetch_to_device``: the items must already be sharded (leading axis
     = number of devices, e.g. ``map(shard, batches)``); each leaf is split over the devices with
@@ -253,19 +253,16 @@ def prefetch_to_device(
 
     Args:
       iterator: yields pytrees of arrays with leading axis ``len(devices)``.
-      size: how many batches to keep in flight on the devices (2 overlaps one transfer with one
-        step).
+      size: how many batches to keep on the devices, the one in use included (2 overlaps one
+        transfer with one step).
       devices: default ``jax.local_devices()``.
 
     Yields:
       The same pytrees with every leaf a ``jax.Array`` sharded over ``devices``.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"prefetch_to_device: size must be an int >= 1, got {size!r}")
+    _check_size(size, "prefetch_to_device")
     devices = _local_devices(devices)
     sharding = _pmap_sharding(devices)
-    queue: collections.deque = collections.deque()
-    iterator = iter(iterator)
 
     def _put(tree):
         b = _batch_size(tree, "prefetch_to_device")
@@ -276,14 +273,28 @@ def prefetch_to_device(
             )
         return jax.device_put(tree, sharding)
 
-    def enqueue(n: int) -> None:
-        for item in itertools.islice(iterator, n):
-            queue.append(_put(item))
+    return keep_ahead(map(_put, iterator), size)
 
-    enqueue(size)
+
+def _check_size(size: Any, where: str) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{where}: size must be an int >= 1, got {size!r}")
+
+
+def keep_ahead(iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:
+    """Yields from ``iterator``, producing each item ``size - 1`` items before it is handed out
+    (a buffer of ``size``, the item in use included, as ``flax.jax_utils.prefetch_to_device``):
+    with items that start device transfers (``jax.device_put``, ``global_batch``), the next
+    batches travel while the current one is used."""
+    _check_size(size, "keep_ahead")
+    return _kept_ahead(iter(iterator), size)
+
+
+def _kept_ahead(iterator: Iterator[Any], size: int) -> Iterator[Any]:
+    queue: collections.deque = collections.deque(itertools.islice(iterator, size))
     while queue:
         yield queue.popleft()
-        enqueue(1)
+        queue.extend(itertools.islice(iterator, 1))
 
 
 def pmap(

@@ -275,6 +275,23 @@ def test_shard_prng_key():
         assert len({tuple(np.asarray(d)) for d in draws}) == N
 
 
+def test_keep_ahead_produces_items_before_they_are_needed():
+    produced = []
+
+    def items():
+        for i in range(5):
+            produced.append(i)
+            yield i
+
+    ahead = sharding.keep_ahead(items(), size=2)
+    assert produced == []  # nothing before the first item is asked for
+    assert next(ahead) == 0 and produced == [0, 1]  # a buffer of 2: item 1 is on its way
+    assert next(ahead) == 1 and produced == [0, 1, 2]
+    assert list(ahead) == [2, 3, 4] and produced == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="keep_ahead: size must be an int >= 1"):
+        sharding.keep_ahead(items(), size=0)
+
+
 def test_prefetch_to_device():
     batches = [{"x": np.full((16, 3), i, np.float32)} for i in range(5)]
     seen = list(sharding.prefetch_to_device(map(sharding.shard, batches), size=2))

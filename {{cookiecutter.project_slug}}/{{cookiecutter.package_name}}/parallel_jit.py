@@ -10,8 +10,6 @@ XLA all-reduces each gradient in its parameter's layout (see that module).
 
 from __future__ import annotations
 
-import collections
-import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -20,16 +18,6 @@ from plugins import sharding, transpose_folding
 
 # Batch norm needs no named axis: under jit the batch is global.
 AXIS_NAME: str | None = None
-
-
-def _ahead(iterator: Iterable[Any], size: int) -> Iterator[Any]:
-    """Yields from ``iterator`` while keeping ``size`` items already produced (in flight)."""
-    queue: collections.deque = collections.deque()
-    iterator = iter(iterator)
-    queue.extend(itertools.islice(iterator, size))
-    while queue:
-        yield queue.popleft()
-        queue.extend(itertools.islice(iterator, 1))
 
 
 class DataParallel:
@@ -66,7 +54,7 @@ class DataParallel:
         """
         if jax.process_count() == 1 and self.mesh.devices.flat[0].platform == "cpu":
             return iter(batches)
-        return _ahead((sharding.global_batch(self.mesh, b) for b in batches), 2)
+        return sharding.keep_ahead((sharding.global_batch(self.mesh, b) for b in batches), 2)
 
     eval_batches = train_batches
 

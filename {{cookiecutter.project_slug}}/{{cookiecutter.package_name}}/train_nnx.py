@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -50,12 +51,19 @@ def create_optimizer(model: nnx.Module, tx: Any) -> nnx.Optimizer:
 
 def create_model(config: ml_collections.ConfigDict, setup: trainer.Setup) -> nnx.Module:
     """The model ``config.model`` describes, initialised from ``config.seed``."""
+    return _model(config, setup.num_classes, setup.input_shape, setup.dtype)
+
+
+def _model(
+    config: ml_collections.ConfigDict, num_classes: int, input_shape, dtype=jnp.float32
+) -> nnx.Module:
+    """``create_model`` from the dataset's facts (``dtype``: the computation's)."""
     return _initialise(
         lambda: models.create_model(
             config.model,
-            num_classes=setup.num_classes,
-            input_shape=setup.input_shape,
-            dtype=setup.dtype,
+            num_classes=num_classes,
+            input_shape=input_shape,
+            dtype=dtype,
             axis_name=parallel.AXIS_NAME,
             rngs=nnx.Rngs(config.seed),
         )
@@ -148,16 +156,7 @@ def build_task(
 def init_params(config: ml_collections.ConfigDict) -> dict:
     """The model's freshly initialised parameters as a nested dict of numpy arrays
     (what ``train_and_evaluate`` starts from without ``init_params``)."""
-    num_classes, input_shape = input_pipeline.dataset_info(config)
-    model = _initialise(
-        lambda: models.create_model(
-            config.model,
-            num_classes=num_classes,
-            input_shape=input_shape,
-            axis_name=parallel.AXIS_NAME,
-            rngs=nnx.Rngs(config.seed),
-        )
-    )
+    model = _model(config, *input_pipeline.dataset_info(config))
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 

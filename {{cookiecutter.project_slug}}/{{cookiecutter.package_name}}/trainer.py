@@ -359,8 +359,15 @@ def train_metrics(
 def eval_metrics(
     dp: Any, loss_fn: Callable, logits: jax.Array, labels: jax.Array, mask: jax.Array
 ) -> EvalMetrics:
-    """One eval batch's metrics over its real (``mask``) examples, across devices."""
-    per_example = jax.vmap(lambda x, y: loss_fn(x[None], y[None]))(logits, labels)
+    """One eval batch's metrics over its real (``mask``) examples, across devices.
+
+    ``loss_fn`` is one of ``plugins.losses.create``, whose ``per_example`` gives the loss of each
+    example; any other ``fn(preds, targets) -> scalar`` is mapped over the examples.
+    """
+    if hasattr(loss_fn, "per_example"):
+        per_example = loss_fn.per_example(logits, labels)
+    else:
+        per_example = jax.vmap(lambda x, y: loss_fn(x[None], y[None]))(logits, labels)
     correct = jnp.argmax(logits, axis=-1) == labels
     here = EvalMetrics.single_from_model_output(
         loss=per_example.astype(jnp.float32), correct=correct.astype(jnp.float32), mask=mask
