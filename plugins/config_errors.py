@@ -12,7 +12,7 @@ class ConfigError(ValueError):
 
 
 # Names users write for a key or choice that has another name here (other libraries' spellings,
-# optax's function names for the schedules).
+# optax's function names for the schedules and losses).
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "lr": ("learning_rate",),
     "wd": ("weight_decay",),
@@ -24,6 +24,9 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "warmup_constant_schedule": ("linear_warmup",),
     "cosine_onecycle_schedule": ("one_cycle",),
     "linear_onecycle_schedule": ("one_cycle",),
+    "squared_error": ("mse",),  # optax.losses' names
+    "l2_loss": ("l2",),
+    "huber_loss": ("huber",),
 }
 # Suffixes of optax's schedule functions: 'cosine_decay_schedule' is 'cosine' here.
 _OPTAX_SUFFIXES = ("_decay_schedule", "_schedules", "_schedule", "_decay")

@@ -314,6 +314,13 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
         cfg.setdefault("schedule", parent.get("schedule"))
     if "learning_rate" not in cfg:
         raise ConfigError(f"{where}.learning_rate is required (the peak learning rate)")
+    if callable(cfg["learning_rate"]):
+        raise ConfigError(
+            f"{where}.learning_rate must be a number (the peak learning rate), got a function "
+            f"(an optax schedule?): describe its shape with {where}.schedule instead, e.g. "
+            "dict(name='warmup_cosine', warmup_steps=100, decay_steps=1000, end_value=1e-5); "
+            "plugins.schedules lists the schedules"
+        )
     _number(cfg, "learning_rate", where, positive=True, allow_none=False)
     cfg["kwargs"] = as_dict(cfg.get("kwargs"))
     cfg["weight_decay"] = _number(cfg, "weight_decay", where, positive=False, allow_none=True)

@@ -41,10 +41,11 @@ Defaults are shown; keys without one are required. ``peak`` is ``optimizer.learn
 ``cosine`` (``decay_steps=total``, ``end_value=0.0`` *or* ``alpha``, ``exponent=1.0``)
     Cosine decay from ``peak`` to ``end_value`` (``= alpha * peak``) over ``decay_steps``, then
     constant (``optax.cosine_decay_schedule``).
-``warmup_cosine`` (``warmup_steps=0``, ``end_value=0.0``, ``init_value=0.0``, ``exponent=1.0``)
-    Linear warmup, then cosine decay that reaches ``end_value`` exactly at ``total``
-    (``optax.warmup_cosine_decay_schedule`` with ``decay_steps=total``: optax's ``decay_steps``
-    includes the warmup).
+``warmup_cosine`` (``warmup_steps=0``, ``decay_steps=total``, ``end_value=0.0``,
+``init_value=0.0``, ``exponent=1.0``)
+    Linear warmup, then cosine decay that reaches ``end_value`` at ``decay_steps`` -- warmup
+    included, as optax's ``decay_steps`` -- and holds it to ``total``
+    (``optax.warmup_cosine_decay_schedule``).
 ``warmup_linear`` (``warmup_steps=0``, ``end_value=0.0``, ``init_value=0.0``)
     Linear warmup, then linear decay reaching ``end_value`` at ``total``.
 ``exponential`` (``transition_steps``, ``decay_rate``, ``staircase=False``,
@@ -122,7 +123,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "constant": (),
     "linear_warmup": ("warmup_steps", "init_value"),
     "cosine": ("decay_steps", "end_value", "alpha", "exponent"),
-    "warmup_cosine": ("warmup_steps", "end_value", "init_value", "exponent"),
+    "warmup_cosine": ("warmup_steps", "decay_steps", "end_value", "init_value", "exponent"),
     "warmup_linear": ("warmup_steps", "end_value", "init_value"),
     "exponential": (
         "transition_steps",
@@ -374,12 +375,19 @@ def _cosine_schedule(r: _Reader, peak: float) -> optax.Schedule:
 
 def _warmup_cosine(r: _Reader, peak: float) -> optax.Schedule:
     warmup = r.warmup()
+    # As optax's decay_steps: the warmup included; end_value from there on.
+    decay = r.length("decay_steps", r.total)
+    if decay < max(warmup, 1):
+        raise ConfigError(
+            f"{r.key('decay_steps')} ({decay}) is the length of warmup and decay together (as "
+            f"in optax): it must be at least the {warmup} warmup steps and 1"
+        )
     end_value = r.number("end_value", 0.0, low=0.0)
     init_value = r.number("init_value", 0.0, low=0.0)
     exponent = r.number("exponent", 1.0, low=0.0, low_open=True)
     if warmup == 0:
-        return _cosine(peak, r.total, end_value, exponent)
-    if warmup == r.total:
+        return _cosine(peak, decay, end_value, exponent)
+    if warmup == decay:
         return _join(
             [(warmup, _warmup(init_value, peak, warmup)), (0, optax.constant_schedule(end_value))]
         )
@@ -387,7 +395,7 @@ def _warmup_cosine(r: _Reader, peak: float) -> optax.Schedule:
         init_value=init_value,
         peak_value=peak,
         warmup_steps=warmup,
-        decay_steps=r.total,
+        decay_steps=decay,
         end_value=end_value,
         exponent=exponent,
     )

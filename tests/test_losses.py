@@ -189,6 +189,10 @@ def test_unknown_name_did_you_mean():
         losses.create(dict(name="softmax_cros_entropy"))
     with pytest.raises(ValueError, match="loss.name is required"):
         losses.create(dict(label_smoothing=0.1))
+    # optax.losses' function names point to the names here.
+    for optax_name, ours in [("squared_error", "mse"), ("huber_loss", "huber"), ("l2_loss", "l2")]:
+        with pytest.raises(config_errors.ConfigError, match=rf"did you mean '{ours}'"):
+            losses.create(dict(name=optax_name))
 
 
 def test_unknown_option_did_you_mean():

@@ -716,6 +716,10 @@ def test_schedule_free_eval_params_match_optax():
         ),
         (dict(name="adamw", learning_rate=1e-3, clip_global_norm=-1.0), r"clip_global_norm"),
         (
+            dict(name="adamw", learning_rate=optax.linear_schedule(0.0, 1e-3, 10)),
+            r"learning_rate must be a number .*got a function .*optimizer\.schedule instead",
+        ),
+        (
             dict(name="galore", learning_rate=1e-3, kwargs=dict(base_optimizer=dict(name="adam"))),
             r"kwargs\.base_optimizer: 'galore' takes a gradient scaling transformation",
         ),

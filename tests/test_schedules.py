@@ -76,6 +76,20 @@ def test_warmup_cosine_ends_at_total_steps():
     check(dict(name="warmup_cosine"), optax.cosine_decay_schedule(PEAK, TOTAL))
 
 
+def test_warmup_cosine_decay_steps_as_optax_writes_them():
+    """The cheat sheet's ``warmup_cosine_decay_schedule(..., warmup_steps, decay_steps)``: the
+    decay ends at ``decay_steps`` (warmup included) and ``end_value`` holds after it."""
+    cfg = dict(name="warmup_cosine", warmup_steps=100, decay_steps=600, end_value=1e-5)
+    check(cfg, optax.warmup_cosine_decay_schedule(0.0, PEAK, 100, 600, 1e-5))
+    assert ours(cfg)[TOTAL] == pytest.approx(1e-5)
+    check(
+        dict(name="warmup_cosine", decay_steps=0.5),
+        optax.cosine_decay_schedule(PEAK, TOTAL // 2),
+    )
+    msg = error(dict(name="warmup_cosine", warmup_steps=100, decay_steps=50))
+    assert "optimizer.schedule.decay_steps (50) is the length of warmup and decay" in msg
+
+
 def test_warmup_linear():
     reference = optax.join_schedules(
         [optax.linear_schedule(0.0, PEAK, 100), optax.linear_schedule(PEAK, 1e-5, TOTAL - 100)],
