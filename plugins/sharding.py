@@ -298,13 +298,15 @@ def _kept_ahead(iterator: Iterator[Any], size: int) -> Iterator[Any]:
 
 
 def pmap(
-    fn: Callable[..., Any],
-    axis_name: str,
+    fn: Callable[..., Any] | None = None,
+    axis_name: str | None = None,
     *,
     donate_argnums: int | Sequence[int] = (),
     devices: Sequence[jax.Device] | None = None,
 ) -> Callable[..., Any]:
     """``jax.pmap(fn, axis_name, donate_argnums=...)`` whose donated buffers update in place.
+
+    As ``jax.pmap``, it also decorates: ``@sharding.pmap(axis_name='batch')``.
 
     The same contract as ``jax.pmap`` with ``in_axes=0, out_axes=0``: every argument and output
     has a leading axis of ``len(devices)`` (default: this process's devices), ``fn`` sees one
@@ -335,6 +337,12 @@ def pmap(
       ``.eval_shape`` work as on a jitted one). An argument whose leading axis is not
       ``len(devices)`` raises ``ValueError`` saying so.
     """
+    if fn is None:
+        return functools.partial(
+            pmap, axis_name=axis_name, donate_argnums=donate_argnums, devices=devices
+        )
+    if axis_name is None:
+        raise TypeError("sharding.pmap needs axis_name: the name fn's collectives use")
     if jax.process_count() > 1:
         return jax.pmap(fn, axis_name, donate_argnums=donate_argnums, devices=devices)
     devices = _local_devices(devices)

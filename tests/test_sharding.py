@@ -215,6 +215,17 @@ def test_prefetch_size_must_be_positive():
         next(sharding.prefetch_to_device(iter([]), size=0))
 
 
+def test_pmap_decorates_as_jax_pmap_does():
+    @sharding.pmap(axis_name="batch")
+    def mean_over_devices(x):
+        return jax.lax.pmean(x, "batch")
+
+    x = jnp.arange(N * 2.0).reshape(N, 2)
+    np.testing.assert_allclose(mean_over_devices(x), jnp.broadcast_to(x.mean(0), (N, 2)))
+    with pytest.raises(TypeError, match="needs axis_name"):
+        sharding.pmap(lambda x: x)
+
+
 def test_pmap_maps_keyword_arguments_and_names_a_wrong_leading_axis():
     step = sharding.pmap(lambda state, batch: state * 2 + batch, "batch")
     x, y = jnp.ones((N, 2)), jnp.arange(2.0 * N).reshape(N, 2)
