@@ -786,6 +786,10 @@ def test_regex_matching_no_parameter_is_an_error_at_create_and_at_init():
     groups = dict(name="adam", learning_rate=1e-3, param_groups=[dict(match="heads", lr_mult=2.0)])
     with pytest.raises(ConfigError, match=r"param_groups\[0\]\.match"):
         optim.create(groups, total_steps=10, params=params)
+    # The same check on its own, without building the optimizer.
+    with pytest.raises(ConfigError, match=r"param_groups\[0\]\.match.*matches no parameter"):
+        optim.check_patterns(groups, params)
+    optim.check_patterns(dict(groups, param_groups=[dict(match="head", lr_mult=2.0)]), params)
 
 
 def test_accepts_ml_collections_config():

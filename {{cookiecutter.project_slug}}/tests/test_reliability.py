@@ -38,18 +38,19 @@ from configs import quick
 PROJECT = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 NOT_REPRODUCIBLE = {"steps_per_sec", "uptime"}  # wall-clock timings
+PACKAGE = input_pipeline.__name__.rpartition(".")[0]
 
 # Runs main.py after arranging for SIGKILL at the AT-th batch the run asks for (the steps run
 # up to two batches behind the data), or with ACTION sigkill-in-save, inside the next checkpoint
 # commit after that point: orbax has written the checkpoint into its temporary folder and not
 # yet renamed it.
 DRIVER = """
-import asyncio, os, runpy, signal, sys
-action, at = sys.argv[1], int(sys.argv[2])
-sys.argv = ["main.py", *sys.argv[3:]]
+import asyncio, importlib, os, runpy, signal, sys
+action, at, package = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.argv = ["main.py", *sys.argv[4:]]
 sys.path.insert(0, os.getcwd())
 from orbax.checkpoint._src.path import atomicity
-from {{ cookiecutter.package_name }} import input_pipeline
+input_pipeline = importlib.import_module(f"{package}.input_pipeline")
 
 fired = {"armed": False}
 signum = signal.SIGKILL if action.startswith("sigkill") else signal.SIGTERM
@@ -96,7 +97,7 @@ def _overrides(config) -> list[str]:
 def _killed_run(workdir: Path, action: str, at: int) -> subprocess.CompletedProcess:
     args = ["--config=configs/quick.py", f"--workdir={workdir}", *_overrides(_config())]
     return subprocess.run(
-        [sys.executable, "-c", DRIVER, action, str(at), *args],
+        [sys.executable, "-c", DRIVER, action, str(at), PACKAGE, *args],
         cwd=PROJECT, capture_output=True, text=True,
     )  # fmt: skip
 

@@ -301,9 +301,8 @@ def validate_config(config: ml_collections.ConfigDict, model_check: Callable[[An
     if missing:
         raise config_errors.ConfigError(f"config is missing the key(s) {', '.join(missing)}")
     _positive_int(cfg, "seed", minimum=0)
-    for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps"):
-        _positive_int(cfg, key)
-    for key in ("eval_every_steps", "checkpoint_every_steps"):
+    for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
+                "eval_every_steps", "checkpoint_every_steps"):  # fmt: skip
         _positive_int(cfg, key)
     if not isinstance(cfg["half_precision"], bool):
         raise config_errors.ConfigError(
