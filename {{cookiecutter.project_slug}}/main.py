@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -140,15 +141,23 @@ def main(argv: list[str]) -> None:
     if problem:
         sys.exit(f"workdir error: {problem}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup, &)
+        signal.signal(signal.SIGINT, _exit_interrupted)  # the training steps install their own
     try:
         run()
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): the checkpoints already saved are intact and a rerun "
-              "resumes from the latest", file=sys.stderr, flush=True)  # fmt: skip
-        logging.flush()
-        # Not sys.exit: TensorFlow may be importing in a background thread, and interpreter
-        # shutdown under it aborts the process.
-        os._exit(130)
+    except KeyboardInterrupt:  # Ctrl-C twice in the training steps
+        _exit_interrupted()
+
+
+def _exit_interrupted(*_: Any) -> None:
+    """Ends the program at once, with one line and exit code 130 (as a SIGINT handler too: a
+    ``KeyboardInterrupt`` raised where Python runs a finaliser would be lost)."""
+    print("interrupted (Ctrl-C): the checkpoints already saved are intact and a rerun resumes "
+          "from the latest", file=sys.stderr, flush=True)  # fmt: skip
+    logging.flush()
+    # Not sys.exit: TensorFlow may be importing in a background thread, and interpreter shutdown
+    # under it aborts the process.
+    os._exit(130)
 
 
 def run() -> None:

@@ -88,7 +88,7 @@ CASES = [
         from_file,
         "optimizer.schedule.warmup_step",
         3,
-        "at optimizer.schedule.warmup_step (did you mean 'warmup_steps'?)",
+        "at optimizer.schedule.warmup_step (did you mean 'warmup_steps'",
     ),
     (
         from_file,
