@@ -342,9 +342,9 @@ def train_metrics(
     # gathering whole metrics from each (the same numbers: every device holds as many examples).
     loss, accuracy = dp.mean((loss.astype(jnp.float32), accuracy))
     grad_norm = optax.global_norm(grads).astype(jnp.float32)  # NaN/Inf if any gradient is
-    # Finite as optax.apply_if_finite judges it (every gradient element; the norm of large
-    # finite gradients can overflow), and with a finite loss.
-    grads_finite = jnp.all(jnp.asarray([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    # Finite as optax.apply_if_finite judges it, element by element: the norm of large finite
+    # gradients can overflow. Only then (a cond) is every gradient checked: a finite norm says so.
+    grads_finite = jax.lax.cond(jnp.isfinite(grad_norm), lambda _: jnp.array(True), _finite, grads)
     return TrainMetrics.single_from_model_output(
         loss=loss,
         accuracy=accuracy,
@@ -409,12 +409,18 @@ def _scalars(collection: metrics.Collection) -> dict[str, float]:
     return {name: float(value) for name, value in jax.device_get(_compute(collection)).items()}
 
 
-@functools.partial(jax.jit, compiler_options=RUN_ONCE_OPTIONS)
-def _all_finite(tree: Any) -> jax.Array:
-    """Whether every float in ``tree`` is finite (checked before each checkpoint is saved)."""
+def _finite(tree: Any) -> jax.Array:
+    """Whether every float in ``tree`` is finite (traced: the gradients of a step whose norm
+    overflowed)."""
     leaves = jax.tree.leaves(tree)
     checks = [jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.stack(checks).all() if checks else jnp.array(True)
+
+
+@functools.partial(jax.jit, compiler_options=RUN_ONCE_OPTIONS)
+def _all_finite(tree: Any) -> jax.Array:
+    """``_finite`` compiled on its own: the state, checked before each checkpoint is saved."""
+    return _finite(tree)
 
 
 def _save_plot(optimizer_config: Any, *, total_steps: int, path: Path) -> None:
