@@ -105,8 +105,6 @@ def map_with_paths(fn: Callable[[Path, Any], Any], tree: PyTree) -> PyTree:
 def _unwrapped(tree: PyTree) -> PyTree:
     """``tree`` with each ``nnx.Variable`` replaced by its value: the structure of the arrays
     ``nnx.Optimizer`` hands optax (a tree of plain leaves is also a prefix of the variables')."""
-    if not any(_is_flax_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_flax_variable)):
-        return tree
     return jax.tree.map(
         lambda x: x.get_value() if _is_flax_variable(x) else x, tree, is_leaf=_is_flax_variable
     )
