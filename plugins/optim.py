@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -756,6 +756,20 @@ def _extra_args(cfg: dict[str, Any]) -> frozenset[str]:
     for sub in _wrapped(cfg).values():
         names |= _extra_args(sub)
     return frozenset(names)
+
+
+# The extra ``update`` arguments a train step can supply (``update_args``).
+SUPPLIED_UPDATE_ARGS = frozenset({"value", "grad", "obj_fn", "value_fn"})
+
+
+def update_args(
+    names: Iterable[str], *, loss: jax.Array, grads: PyTree, loss_of_params: Callable
+) -> dict[str, Any]:
+    """The extra ``tx.update`` keyword arguments ``names`` (``extra_update_args``) from a train
+    step's loss, gradients and loss function of the parameters (momo: ``value``, sophia:
+    ``obj_fn``...); ``{}`` for ordinary optimizers."""
+    supplies = {"value": loss, "grad": grads, "obj_fn": loss_of_params, "value_fn": loss_of_params}
+    return {name: supplies[name] for name in names}
 
 
 # ----------------------------------------------------------------------------- reading state

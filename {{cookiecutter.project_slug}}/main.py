@@ -87,19 +87,20 @@ def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]
     loss without ``optimizer.skip_nonfinite`` exits with code 1 and ``non-finite: ...`` naming
     the step; a dataset that can be neither read nor downloaded, with ``data error: ...``.
     """
+    from plugins import loop
     from plugins.config_errors import ConfigError
     from plugins.data import DatasetUnavailable
 
-    from {{ cookiecutter.package_name }} import train, trainer
+    from {{ cookiecutter.package_name }} import train
 
     try:
         return train.train_and_evaluate(config, workdir)
     except ConfigError as error:
         sys.exit("config error: " + " ".join(str(error).split()))
-    except trainer.Preempted as stopped:  # SIGTERM/Ctrl-C: a checkpoint was saved; rerun
+    except loop.Preempted as stopped:  # SIGTERM/Ctrl-C: a checkpoint was saved; rerun
         print(stopped, file=sys.stderr, flush=True)
         sys.exit(stopped.exit_code)
-    except trainer.NonFiniteError as error:  # the last good checkpoint is intact
+    except loop.NonFiniteError as error:  # the last good checkpoint is intact
         sys.exit(f"non-finite: {error}")
     except DatasetUnavailable as error:  # e.g. MNIST without network
         sys.exit(f"data error: {error}")

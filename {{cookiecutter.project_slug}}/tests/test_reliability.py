@@ -3,7 +3,7 @@
 Runs are stopped from the inside at a random step: the data iterator sends the signal when it is
 asked for a batch, or orbax's commit of a checkpoint does (an interruption in the middle of a
 checkpoint write). SIGKILLed runs are separate ``main.py`` processes; SIGTERM is caught by the
-trainer, so those runs stay in this process (through ``main.train_or_exit``, which turns it into
+training loop, so those runs stay in this process (through ``main.train_or_exit``, which turns it into
 the exit code). The NaN tests feed batches of NaN/Inf images at chosen steps by replacing
 ``input_pipeline.train_batches`` for the test only.
 """
@@ -26,11 +26,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from {{ cookiecutter.package_name }} import (
-    input_pipeline,
-    train,
-    trainer,
-)
+from plugins import loop, metrics
+
+from {{ cookiecutter.package_name }} import input_pipeline, train
 
 import main
 from configs import quick
@@ -150,7 +148,7 @@ def sigterm_to_self(monkeypatch):
     """``arm(where, at, signum=SIGTERM, times=1)``: the signal (``times`` times in a row) to
     this process in the next run when it asks for its ``at``-th batch (``where='batch'``), or
     after that in the next evaluation (``'eval'``) or right after the next checkpoint save
-    started writing in the background (``'save'``). A SIGTERM outside the trainer's loop is
+    started writing in the background (``'save'``). A SIGTERM outside the training loop is
     recorded instead of ending pytest."""
     stray = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stray.append(1))
@@ -218,7 +216,7 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
     sigterm_to_self("batch", rng.randint(2, 5))
     with pytest.raises(SystemExit) as stopped:
         main.train_or_exit(_config(), str(workdir))
-    assert stopped.value.code == trainer.Preempted.EXIT_CODE == 143
+    assert stopped.value.code == loop.Preempted.EXIT_CODE == 143
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("preempted (SIGTERM): checkpoint saved at step "), line
     step = int(line.split("at step ")[1].split(";")[0])
@@ -237,7 +235,7 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
     # SIGTERM during an evaluation: the next step is the last, and it lies between two log
     # steps, so the resumed run must pick up the metrics accumulated since the last log step.
     sigterm_to_self("eval")
-    with pytest.raises(trainer.Preempted) as preempted:
+    with pytest.raises(loop.Preempted) as preempted:
         train.train_and_evaluate(_config(), str(workdir))
     step = preempted.value.step
     config = _config()
@@ -246,7 +244,7 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path, reference, sigterm_t
 
     # SIGTERM while a checkpoint is being written: that one completes, and the next step's too.
     sigterm_to_self("save")
-    with pytest.raises(trainer.Preempted) as preempted:
+    with pytest.raises(loop.Preempted) as preempted:
         train.train_and_evaluate(_config(), str(workdir))
     step = preempted.value.step
     assert _checkpoint_steps(workdir)[-2:] == [step - 1, step], context
@@ -281,8 +279,8 @@ def _poisoned(steps: dict[int, float]):
     that value (NaN or Inf): its loss and gradients are non-finite."""
     original = input_pipeline.train_batches
 
-    def train_batches(config, *, batch_size, start_step):
-        batches = original(config, batch_size=batch_size, start_step=start_step)
+    def train_batches(config, start_step):
+        batches = original(config, start_step)
         for step, batch in enumerate(batches, start_step + 1):
             if step in steps:
                 batch = dict(batch, image=np.full_like(batch["image"], steps[step]))
@@ -344,7 +342,7 @@ def test_nonfinite_batch_leaves_batch_norm_statistics_alone(tmp_path, monkeypatc
 def test_nonfinite_without_skipping_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(input_pipeline, "train_batches", _poisoned({13: math.nan}))
     config = quick.get_config()  # checkpoints at 10 and 20, logs every 5
-    with pytest.raises(trainer.NonFiniteError, match="NaN/Inf at step 13 ") as raised:
+    with pytest.raises(loop.NonFiniteError, match="NaN/Inf at step 13 ") as raised:
         train.train_and_evaluate(config, str(tmp_path))
     assert raised.value.step == 13
     assert "skip_nonfinite=True" in str(raised.value)
@@ -372,11 +370,8 @@ def test_finite_gradients_whose_norm_overflows_are_counted_as_finite():
     """As optax.apply_if_finite judges them (element by element): the step is applied, so its
     loss and accuracy belong in the averages."""
 
-    class OneDevice:
-        mean = staticmethod(lambda tree: tree)
-
-    step = trainer.train_metrics(
-        OneDevice(), loss=jnp.float32(0.5), logits=jnp.eye(2), labels=jnp.arange(2),
+    step = metrics.train_step_metrics(
+        loss=jnp.float32(0.5), logits=jnp.eye(2), labels=jnp.arange(2),
         grads={"w": jnp.full((4,), 1e19, jnp.float32)}, learning_rate=jnp.float32(0.1),
     )  # fmt: skip
     scalars = step.compute()
@@ -389,7 +384,7 @@ def test_a_diverging_run_that_skips_nonfinite_gradients_says_what_overflowed(tmp
     config = quick.get_config()
     config.optimizer.learning_rate = 1e6
     config.optimizer.skip_nonfinite = True
-    with pytest.raises(trainer.NonFiniteError) as raised:
+    with pytest.raises(loop.NonFiniteError) as raised:
         train.train_and_evaluate(config, str(tmp_path))
     message = str(raised.value)
     overflowed = (
@@ -403,7 +398,7 @@ def test_a_diverging_run_that_skips_nonfinite_gradients_says_what_overflowed(tmp
 def test_long_log_interval_on_eight_cpu_devices(tmp_path):
     """400 steps between host reads on 8 simulated CPU devices: without a bound on the steps in
     flight, XLA's CPU client aborts the process (its collectives wait on each other once about
-    160 executions queue up). ``trainer.Fence`` keeps the host at most 32 steps ahead."""
+    160 executions queue up). ``plugins.loop.Fence`` keeps the host at most 32 steps ahead."""
     every = 400
     result = subprocess.run(
         [

@@ -190,24 +190,29 @@ def test_unknown_top_level_key(tmp_path):
 
 
 _WITHOUT_TENSORFLOW = """
+import functools
 import importlib
 import sys
 
 for name in ("tensorflow", "tensorflow_datasets"):
     sys.modules[name] = None  # importing them now raises ImportError
 from configs import quick
-from plugins import data
+from plugins import data, losses, metrics, optim
 
 train = importlib.import_module(sys.argv[1] + ".train")
-trainer = importlib.import_module(sys.argv[1] + ".trainer")
+parallel = importlib.import_module(sys.argv[1] + ".parallel")
 config = quick.get_config()
-setup = trainer.make_setup(config, num_classes=10, input_shape=(8, 8, 1))
-task = train.build_task(config, setup)
-dp = setup.dp
-step = dp.compile_train_step(task.train_step)
-batch = next(dp.train_batches([data.example_batch(setup.input_shape, config.batch_size)]))
-state, metrics = step(dp.put_state(task.state), dp.put_state(trainer.TrainMetrics.empty()), batch)
-print(float(dp.to_host(metrics).compute()["train_loss"]))
+tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
+state = train.create_train_state(config, tx, 10, (8, 8, 1))
+dp = parallel.DataParallel()
+step = functools.partial(train.train_step, loss_fn=losses.create(config.loss))
+if isinstance(state, tuple):  # NNX: (graphdef, state)
+    graphdef, state = state
+    step = functools.partial(step, graphdef)
+step = dp.compile_train_step(step)
+batch = next(dp.train_batches([data.example_batch((8, 8, 1), config.batch_size)]))
+state, so_far = step(dp.put_state(state), dp.put_state(metrics.TrainMetrics.empty()), batch)
+print(metrics.scalars(dp.to_host(so_far))["train_loss"])
 try:
     data.load_split("digits", "train")
 except ImportError as error:
@@ -216,7 +221,7 @@ except ImportError as error:
 
 
 def test_steps_build_and_run_without_tensorflow():
-    """``trainer.make_setup`` + ``build_task``: a model's state and steps build, compile and run
+    """``create_train_state`` and ``train_step``: a model's state and steps build, compile and run
     where TensorFlow and tensorflow-datasets are missing (only reading data needs them, and
     says so)."""
     package = train.__name__.rpartition(".")[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 from plugins import config_errors
 from plugins import data as plugins_data  # registers the offline ``digits`` dataset
 
@@ -40,11 +41,12 @@ def dataset_info(config: Any) -> tuple[int, tuple[int, int, int]]:
     return int(features["label"].num_classes), shape
 
 
-def train_batches(config: Any, *, batch_size: int, start_step: int) -> Iterator[dict]:
-    """Endless shuffled training batches of this process, starting at batch ``start_step``."""
+def train_batches(config: Any, start_step: int) -> Iterator[dict]:
+    """Endless shuffled training batches of this process (its share of each global batch of
+    ``config.batch_size``), starting at batch ``start_step``."""
     return plugins_data.train_iterator(
         config.dataset,
-        batch_size=batch_size,
+        batch_size=config.batch_size // jax.process_count(),
         seed=config.seed,
         split=TRAIN_SPLIT,
         data_dir=config.data_dir,
@@ -56,8 +58,12 @@ def train_batches(config: Any, *, batch_size: int, start_step: int) -> Iterator[
     )
 
 
-def eval_batches(config: Any, *, batch_size: int) -> Iterator[dict]:
-    """This process's part of the evaluation split, once, padded batches marked by ``mask``."""
+def eval_batches(config: Any) -> Iterator[dict]:
+    """This process's part of the evaluation split, once, in its share of batches of
+    ``config.eval_batch_size``; the last is padded, the padding marked by ``mask``."""
     return plugins_data.eval_iterator(
-        config.dataset, batch_size=batch_size, split=EVAL_SPLIT, data_dir=config.data_dir
+        config.dataset,
+        batch_size=config.eval_batch_size // jax.process_count(),
+        split=EVAL_SPLIT,
+        data_dir=config.data_dir,
     )

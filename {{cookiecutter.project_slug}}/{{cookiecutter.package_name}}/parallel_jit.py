@@ -3,9 +3,8 @@
 The train state is replicated over a 1-D ``data`` mesh of every device of every process, and each
 batch is one global ``jax.Array`` split along its leading axis. Each process reads only its own
 slice of the data (``plugins.data``); ``plugins.sharding.global_batch`` assembles the global batch.
-XLA inserts the gradient all-reduce itself, so the step function is written as for one device.
-The train step is compiled through ``plugins.transpose_folding.fold_transposes``, so that
-XLA all-reduces each gradient in its parameter's layout (see that module).
+XLA inserts the gradient all-reduce itself, so the step function is written as for one device
+(``mean`` is the identity here).
 """
 
 from __future__ import annotations
@@ -14,10 +13,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-from plugins import sharding, transpose_folding
+from plugins import sharding
 
 # Batch norm needs no named axis: under jit the batch is global.
 AXIS_NAME: str | None = None
+
+
+def mean(tree: Any) -> Any:
+    """Mean over the devices inside a step: the identity, XLA reduces global arrays itself."""
+    return tree
 
 
 class DataParallel:
@@ -59,14 +63,9 @@ class DataParallel:
     eval_batches = train_batches
 
     def compile_train_step(self, fn: Callable) -> Callable:
-        """``fn(state, metrics, batch) -> (state, metrics)`` jitted; the state is donated.
-
-        Its dot-then-transpose pairs (JAX's weight gradients) are folded into single dots first:
-        otherwise XLA's partitioner all-reduces each dense gradient before its transpose and
-        the update reads it transposed.
-        """
+        """``fn(state, metrics, batch) -> (state, metrics)`` jitted; the state is donated."""
         return jax.jit(
-            transpose_folding.fold_transposes(fn),
+            fn,
             in_shardings=(self.replicated, self.replicated, self.batch_sharding),
             out_shardings=self.replicated,
             donate_argnums=(0,),
@@ -79,13 +78,3 @@ class DataParallel:
             in_shardings=(self.replicated, self.replicated, self.batch_sharding),
             out_shardings=self.replicated,
         )
-
-    @staticmethod
-    def mean(tree: Any) -> Any:
-        """Mean over devices inside a step: the identity, XLA reduces global arrays itself."""
-        return tree
-
-    @staticmethod
-    def sum(tree: Any) -> Any:
-        """Sum over devices inside a step: the identity under jit."""
-        return tree

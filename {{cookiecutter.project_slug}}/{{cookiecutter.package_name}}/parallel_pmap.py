@@ -20,6 +20,11 @@ from plugins import sharding
 AXIS_NAME: str | None = "batch"
 
 
+def mean(tree: Any) -> Any:
+    """Mean over the devices inside a step (``lax.pmean`` over ``AXIS_NAME``)."""
+    return jax.lax.pmean(tree, AXIS_NAME)
+
+
 class DataParallel:
     """Replicates state over local devices and compiles pmapped steps."""
 
@@ -67,13 +72,3 @@ class DataParallel:
     def compile_eval_step(self, fn: Callable) -> Callable:
         """``fn(state, metrics, batch) -> metrics`` pmapped."""
         return sharding.pmap(fn, AXIS_NAME)
-
-    @staticmethod
-    def mean(tree: Any) -> Any:
-        """Mean over devices inside a step."""
-        return jax.lax.pmean(tree, AXIS_NAME)
-
-    @staticmethod
-    def sum(tree: Any) -> Any:
-        """Sum over devices inside a step."""
-        return jax.lax.psum(tree, AXIS_NAME)

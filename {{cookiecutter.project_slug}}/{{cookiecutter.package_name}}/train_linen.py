@@ -1,12 +1,14 @@
-"""Training with Flax Linen: ``train_and_evaluate(config, workdir)``.
+"""Trains and evaluates a Flax Linen model: ``train_and_evaluate(config, workdir)``.
 
-The train state is a ``flax.training.train_state.TrainState`` subclass that also carries the
-batch norm statistics (``batch_stats``, None for models without batch norm) and passes extra
-``update`` arguments to optimizers that need them (e.g. the loss for momo).
+``train_and_evaluate`` builds the model (``models.py``), the optimizer (``plugins.optim`` from
+``config.optimizer``) and the ``TrainState``; compiles ``train_step`` and ``eval_step`` for the
+devices (``parallel.py``: jit over a device mesh, or pmap) and hands them to
+``plugins.loop.fit``, which logs, evaluates, checkpoints and resumes.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -14,15 +16,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import linen as nn
 from flax.training import train_state
-from plugins import optim
+from plugins import losses, loop, masks, metrics, optim
 
-from . import input_pipeline, models, parallel, trainer
+from . import input_pipeline, models, parallel
 
 
 class TrainState(train_state.TrainState):
-    """``TrainState`` with batch norm statistics and extra optimizer update arguments."""
+    """``TrainState`` with batch norm statistics (``None`` for models without batch norm) and
+    extra optimizer ``update`` arguments (e.g. the loss, for momo)."""
 
     batch_stats: Any = None
 
@@ -35,24 +39,43 @@ class TrainState(train_state.TrainState):
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
 
-def _model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> nn.Module:
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The model ``config.model`` describes."""
     return models.create_model(
-        config.model, num_classes=num_classes, dtype=dtype, axis_name=parallel.AXIS_NAME
+        config.model,
+        num_classes=num_classes,
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+        axis_name=parallel.AXIS_NAME,  # batch norm averages over the pmap axis
     )
 
 
-def _init_variables(model: nn.Module, config: ml_collections.ConfigDict, input_shape) -> dict:
+def initial_variables(
+    model: nn.Module, config: ml_collections.ConfigDict, input_shape: tuple[int, ...]
+) -> dict:
+    """``model.init`` from ``config.seed``: ``{'params': ..., 'batch_stats': ...}``."""
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     # Run once: compiled without XLA's backend optimisations (seconds faster on a CPU).
     init = jax.jit(
-        lambda key: model.init(key, dummy, train=False), compiler_options=trainer.RUN_ONCE_OPTIONS
+        lambda key: model.init(key, dummy, train=False), compiler_options=metrics.RUN_ONCE_OPTIONS
     )
     return init(jax.random.key(config.seed))
 
 
-def _create_state(model: nn.Module, tx: Any, params: Any, batch_stats: Any) -> TrainState:
-    """The initial ``TrainState``, its optimizer state initialised in one compiled program
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    tx: Any,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    init_params: Any = None,
+) -> TrainState:
+    """The initial ``TrainState``: the model's variables (or ``init_params``, e.g. the
+    parameters of another run) and the optimizer state, initialised in one compiled program
     (eagerly, each initial value and schedule value compiles on its own)."""
+    model = create_model(config, num_classes)
+    variables = initial_variables(model, config, input_shape)
+    params = variables["params"]
+    if init_params is not None:
+        params = jax.tree.map(lambda p, q: jnp.asarray(q, p.dtype), params, dict(init_params))
 
     def create(params: Any, batch_stats: Any) -> TrainState:
         state = TrainState.create(
@@ -60,100 +83,88 @@ def _create_state(model: nn.Module, tx: Any, params: Any, batch_stats: Any) -> T
         )
         return state.replace(step=jnp.zeros((), jnp.int32))
 
-    return jax.jit(create, compiler_options=trainer.RUN_ONCE_OPTIONS)(params, batch_stats)
+    create = jax.jit(create, compiler_options=metrics.RUN_ONCE_OPTIONS)
+    return create(params, variables.get("batch_stats"))
 
 
-def build_task(
-    config: ml_collections.ConfigDict, setup: trainer.Setup, init_params: Any = None
-) -> trainer.Task:
-    """Builds the model, train state and the pure train/eval steps.
+def apply_model(state: TrainState, params: Any, images: jax.Array, train: bool) -> tuple:
+    """Logits and (in training, with batch norm) the new batch statistics."""
+    if state.batch_stats is None:
+        return state.apply_fn({"params": params}, images, train=train), None
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if not train:
+        return state.apply_fn(variables, images, train=False), state.batch_stats
+    logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
 
-    Args:
-      config: the run's config.
-      setup: optimizer, loss, data parallelism and dataset facts from ``trainer.run``.
-      init_params: optional nested dict of parameters (``{'conv_0': {'kernel': ...}}``) to start
-        from instead of the random initialisation.
-    """
-    model = _model(config, setup.num_classes, setup.dtype)
-    variables = _init_variables(model, config, setup.input_shape)
-    params = variables["params"]
-    if init_params is not None:
-        params = jax.tree.map(lambda p, q: jnp.asarray(q, p.dtype), params, dict(init_params))
-    state = _create_state(model, setup.tx, params, variables.get("batch_stats"))
-    dp, loss_fn = setup.dp, setup.loss_fn
 
-    def apply(state: TrainState, params: Any, images: jax.Array, train: bool):
-        """Logits and (in training, with batch norm) the new batch statistics."""
-        if state.batch_stats is None:
-            return state.apply_fn({"params": params}, images, train=train), None
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        if not train:
-            return state.apply_fn(variables, images, train=False), state.batch_stats
-        logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
-        return logits, updates["batch_stats"]
+def train_step(
+    state: TrainState,
+    so_far: metrics.TrainMetrics,
+    batch: dict,
+    *,
+    loss_fn: Any,
+    update_args: frozenset[str] = frozenset(),
+) -> tuple[TrainState, metrics.TrainMetrics]:
+    """One optimizer step on ``batch``; returns the new state and the metrics merged so far."""
+    images, labels = batch["image"], batch["label"]
 
-    def train_step(state: TrainState, metrics: trainer.TrainMetrics, batch: dict) -> tuple:
-        images, labels = batch["image"], batch["label"]
+    def loss_of(params: Any) -> tuple[jax.Array, tuple]:
+        logits, batch_stats = apply_model(state, params, images, train=True)
+        return loss_fn(logits, labels), (logits, batch_stats)
 
-        def loss_of(params: Any) -> tuple[jax.Array, tuple]:
-            logits, batch_stats = apply(state, params, images, train=True)
-            return loss_fn(logits, labels), (logits, batch_stats)
-
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.params
-        )
-        grads = dp.mean(grads)
-        extra = None
-        if setup.update_args:
-            extra = trainer.update_args(
-                setup.update_args,
-                loss=dp.mean(loss),
-                grads=grads,
-                loss_of_params=lambda params: loss_of(params)[0],
-            )
-        new_state = state.apply_gradients(grads=grads, update_args=extra)
-        # A skipped (non-finite) update leaves the batch-norm statistics as they were too.
-        batch_stats = optim.keep_if_skipped(new_state.opt_state, batch_stats, state.batch_stats)
-        state = new_state.replace(batch_stats=batch_stats)
-        step_metrics = trainer.train_metrics(
-            dp,
-            loss=loss,
-            logits=logits,
-            labels=labels,
-            grads=grads,
-            learning_rate=optim.learning_rate(state.opt_state),
-            nonfinite_count=optim.nonfinite_count(state.opt_state),
-        )
-        return state, metrics.merge(step_metrics)
-
-    def eval_step(state: TrainState, metrics: trainer.EvalMetrics, batch: dict):
-        # EMA or schedule-free evaluation parameters when configured, else the parameters.
-        params = optim.eval_params(state.opt_state, state.params)
-        logits, _ = apply(state, params, batch["image"], train=False)
-        return metrics.merge(
-            trainer.eval_metrics(dp, loss_fn, logits, batch["label"], batch["mask"])
-        )
-
-    return trainer.Task(
-        state=state,
-        train_step=train_step,
-        eval_step=eval_step,
-        step_of=lambda state: int(jax.device_get(state.step)),
-        params=params,
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        state.params
     )
+    grads = parallel.mean(grads)  # over the devices (pmap; under jit XLA does it)
+    extra = None
+    if update_args:  # optimizers that take the loss too (momo, sophia, ...)
+        extra = optim.update_args(
+            update_args,
+            loss=parallel.mean(loss),
+            grads=grads,
+            loss_of_params=lambda params: loss_of(params)[0],
+        )
+    new_state = state.apply_gradients(grads=grads, update_args=extra)
+    # A skipped (non-finite) update leaves the batch-norm statistics as they were too.
+    batch_stats = optim.keep_if_skipped(new_state.opt_state, batch_stats, state.batch_stats)
+    state = new_state.replace(batch_stats=batch_stats)
+    step = metrics.train_step_metrics(
+        loss=loss,
+        logits=logits,
+        labels=labels,
+        grads=grads,
+        learning_rate=optim.learning_rate(state.opt_state),
+        nonfinite_count=optim.nonfinite_count(state.opt_state),
+        axis_name=parallel.AXIS_NAME,
+    )
+    return state, so_far.merge(step)
+
+
+def eval_step(
+    state: TrainState, so_far: metrics.EvalMetrics, batch: dict, *, loss_fn: Any
+) -> metrics.EvalMetrics:
+    """The metrics of ``batch``'s real examples (``mask``), merged into those so far."""
+    # EMA or schedule-free evaluation parameters when configured, else the parameters.
+    params = optim.eval_params(state.opt_state, state.params)
+    logits, _ = apply_model(state, params, batch["image"], train=False)
+    step = metrics.eval_step_metrics(
+        loss_fn, logits, batch["label"], batch["mask"], axis_name=parallel.AXIS_NAME
+    )
+    return so_far.merge(step)
 
 
 def init_params(config: ml_collections.ConfigDict) -> dict:
     """The model's freshly initialised parameters as a nested dict of numpy arrays
     (what ``train_and_evaluate`` starts from without ``init_params``)."""
     num_classes, input_shape = input_pipeline.dataset_info(config)
-    variables = _init_variables(_model(config, num_classes, jnp.float32), config, input_shape)
+    variables = initial_variables(create_model(config, num_classes), config, input_shape)
     return jax.tree.map(np.asarray, dict(variables["params"]))
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, init_params: Any = None
-) -> dict[str, list[tuple[int, float]]]:
+) -> loop.History:
     """Trains the model ``config`` describes, evaluating and checkpointing in ``workdir``.
 
     Rerunning with the same ``workdir`` resumes from the latest checkpoint.
@@ -167,9 +178,29 @@ def train_and_evaluate(
     Returns:
       Every logged scalar: ``{name: [(step, value), ...]}``.
     """
-    return trainer.run(
+    # A bad key or value stops here, with one line, before anything compiles or is written.
+    loop.prepare(config, model_check=models.check_model_config)
+    num_classes, input_shape = input_pipeline.dataset_info(config)
+
+    tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
+    state = create_train_state(config, tx, num_classes, input_shape, init_params)
+    if jax.process_index() == 0:
+        table = masks.summary(state.params, config.optimizer, total_steps=config.num_train_steps)
+        logging.info("Parameters:\n%s", table)
+
+    loss_fn = losses.create(config.loss)
+    update_args = optim.extra_update_args(config.optimizer)
+    dp = parallel.DataParallel()
+    return loop.fit(
         config,
         workdir,
-        build_task=lambda config, setup: build_task(config, setup, init_params),
-        model_check=models.check_model_config,
+        state=state,
+        train_step=dp.compile_train_step(
+            functools.partial(train_step, loss_fn=loss_fn, update_args=update_args)
+        ),
+        eval_step=dp.compile_eval_step(functools.partial(eval_step, loss_fn=loss_fn)),
+        parallel=dp,
+        train_batches=lambda start_step: input_pipeline.train_batches(config, start_step),
+        eval_batches=lambda: input_pipeline.eval_batches(config),
+        input_shape=input_shape,
     )

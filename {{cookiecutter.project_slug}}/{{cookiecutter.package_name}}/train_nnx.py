@@ -1,168 +1,149 @@
-"""Training with Flax NNX: ``train_and_evaluate(config, workdir)``.
+"""Trains and evaluates a Flax NNX model: ``train_and_evaluate(config, workdir)``.
 
-The model and its ``nnx.Optimizer`` are split once into a graph definition and a state (a plain
-nested dict of arrays, ``nnx.to_pure_dict``). The compiled steps take and return that state and
-rebuild the objects with ``nnx.merge`` inside the trace, so the hot loop is a plain jitted (or
-pmapped) function of arrays with donated buffers: NNX's object bookkeeping costs nothing per step.
-The model code itself (``models.py``) stays ordinary NNX.
+``train_and_evaluate`` builds the model (``models.py``), the optimizer (``plugins.optim`` from
+``config.optimizer``) and the ``nnx.Optimizer``; compiles ``train_step`` and ``eval_step`` for
+the devices (``parallel.py``: jit over a device mesh, or pmap) and hands them to
+``plugins.loop.fit``, which logs, evaluates, checkpoints and resumes.
+
+The steps take the model and optimizer as one plain dict of arrays: ``nnx.split`` once here,
+``nnx.merge`` inside the step. jit flattens a dict in C++, so NNX's object bookkeeping costs
+nothing per step; the model code stays ordinary NNX.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
-from plugins import optim
+from plugins import losses, loop, masks, metrics, optim
 
-from . import input_pipeline, models, parallel, trainer
-
-
-def _initialise(make: Callable[[], nnx.Module]) -> nnx.Module:
-    """``make()``, with every initialiser in one compiled program instead of one per op.
-
-    Run eagerly, each initialiser compiles on its own (dozens of compiles, seconds); compiled
-    once without XLA's backend optimisations, which a program run once does not need, it takes
-    a fraction of that. The values are the same as eager initialisation.
-    """
-    graphdef = nnx.graphdef(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.state(make()), compiler_options=trainer.RUN_ONCE_OPTIONS)()
-    return nnx.merge(graphdef, state)
+from . import input_pipeline, models, parallel
 
 
-def create_optimizer(model: nnx.Module, tx: Any) -> nnx.Optimizer:
-    """``nnx.Optimizer(model, tx, wrt=nnx.Param)``, its state initialised in one compiled program
-    (eagerly, each initial value and schedule value compiles on its own)."""
-    graphdef, state = nnx.split(model)
-
-    def make(state: Any) -> nnx.Optimizer:
-        return nnx.Optimizer(nnx.merge(graphdef, state), tx, wrt=nnx.Param)
-
-    optimizer_def = nnx.graphdef(nnx.eval_shape(make, state))
-    initial = jax.jit(
-        lambda state: nnx.state(make(state)), compiler_options=trainer.RUN_ONCE_OPTIONS
-    )
-    return nnx.merge(optimizer_def, initial(state))
-
-
-def create_model(config: ml_collections.ConfigDict, setup: trainer.Setup) -> nnx.Module:
-    """The model ``config.model`` describes, initialised from ``config.seed``."""
-    return _model(config, setup.num_classes, setup.input_shape, setup.dtype)
-
-
-def _model(
-    config: ml_collections.ConfigDict, num_classes: int, input_shape, dtype=jnp.float32
+def create_model(
+    config: ml_collections.ConfigDict, num_classes: int, input_shape: tuple[int, ...]
 ) -> nnx.Module:
-    """``create_model`` from the dataset's facts (``dtype``: the computation's)."""
-    return _initialise(
-        lambda: models.create_model(
-            config.model,
-            num_classes=num_classes,
-            input_shape=input_shape,
-            dtype=dtype,
-            axis_name=parallel.AXIS_NAME,
-            rngs=nnx.Rngs(config.seed),
-        )
+    """The model ``config.model`` describes, initialised from ``config.seed``."""
+    return models.create_model(
+        config.model,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+        axis_name=parallel.AXIS_NAME,  # batch norm averages over the pmap axis
+        rngs=nnx.Rngs(config.seed),
     )
 
 
-def build_task(
-    config: ml_collections.ConfigDict, setup: trainer.Setup, init_params: Any = None
-) -> trainer.Task:
-    """Builds the model, optimizer, state and the pure train/eval steps.
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    tx: Any,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    init_params: Any = None,
+) -> tuple[nnx.GraphDef, dict]:
+    """The model and its ``nnx.Optimizer``, split into a graph definition and a plain dict of
+    arrays (the state the steps take).
 
-    Args:
-      config: the run's config.
-      setup: optimizer, loss, data parallelism and dataset facts from ``trainer.run``.
-      init_params: optional nested dict of parameters (``{'conv_0': {'kernel': ...}}``) to start
-        from instead of the random initialisation.
+    Built in one compiled program, without XLA's backend optimisations (a program run once
+    does not need them): run eagerly, each initialiser and each initial optimizer value
+    compiles on its own, which takes seconds on a CPU. The values are the same.
     """
-    model = create_model(config, setup)
+
+    def create(params: Any) -> tuple[nnx.Module, nnx.Optimizer]:
+        model = create_model(config, num_classes, input_shape)
+        if params is not None:  # e.g. the parameters of another run
+            state = nnx.state(model, nnx.Param)
+            nnx.replace_by_pure_dict(state, params)
+            nnx.update(model, state)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
     if init_params is not None:
-        params = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, init_params))
-        nnx.update(model, params)
-    optimizer = create_optimizer(model, setup.tx)
-    graphdef, state = nnx.split((model, optimizer))
-    # The steps take and return a plain nested dict of arrays, whose flattening jit does in C++;
-    # an nnx.State costs ~0.1 ms more per step (its Variables flatten in Python).
-    state = nnx.to_pure_dict(state)
-    dp, loss_fn = setup.dp, setup.loss_fn
-
-    def train_step(state: dict, metrics: trainer.TrainMetrics, batch: dict) -> tuple:
-        model, optimizer = nnx.merge(graphdef, state)
-        images, labels = batch["image"], batch["label"]
-        # Values, not the Variables themselves (which the forward pass below updates).
-        old_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-
-        def loss_of(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
-            logits = model(images)
-            return loss_fn(logits, labels), logits
-
-        (loss, logits), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
-        grads = dp.mean(grads)
-        extra = {}
-        if setup.update_args:
-            model_def, _, rest = nnx.split(model, nnx.Param, ...)
-
-            def loss_of_params(params: Any) -> jax.Array:
-                return loss_fn(nnx.merge(model_def, params, rest)(images), labels)
-
-            extra = trainer.update_args(
-                setup.update_args, loss=dp.mean(loss), grads=grads, loss_of_params=loss_of_params
-            )
-        optimizer.update(model, grads, **extra)
-        # A skipped (non-finite) update leaves the batch-norm statistics as they were too.
-        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-        nnx.update(model, optim.keep_if_skipped(optimizer.opt_state, new_stats, old_stats))
-        step_metrics = trainer.train_metrics(
-            dp,
-            loss=loss,
-            logits=logits,
-            labels=labels,
-            grads=grads,
-            learning_rate=optim.learning_rate(optimizer.opt_state),
-            nonfinite_count=optim.nonfinite_count(optimizer.opt_state),
-        )
-        return nnx.to_pure_dict(nnx.state((model, optimizer))), metrics.merge(step_metrics)
-
-    def eval_step(state: dict, metrics: trainer.EvalMetrics, batch: dict):
-        model, optimizer = nnx.merge(graphdef, state)
-        # EMA or schedule-free evaluation parameters when configured, else the parameters.
-        nnx.update(model, optim.eval_params(optimizer.opt_state, nnx.state(model, nnx.Param)))
-        model.eval()  # batch norm uses its running averages
-        logits = model(batch["image"])
-        return metrics.merge(
-            trainer.eval_metrics(dp, loss_fn, logits, batch["label"], batch["mask"])
-        )
-
-    def step_of(state: dict) -> int:
-        _, optimizer = nnx.merge(graphdef, state)
-        return int(jax.device_get(optimizer.step[...]))
-
-    return trainer.Task(
-        state=state,
-        train_step=train_step,
-        eval_step=eval_step,
-        step_of=step_of,
-        params=nnx.state(model, nnx.Param),
+        init_params = jax.tree.map(np.asarray, init_params)
+    graphdef = nnx.graphdef(nnx.eval_shape(create, init_params))
+    initial = jax.jit(
+        lambda params: nnx.to_pure_dict(nnx.state(create(params))),
+        compiler_options=metrics.RUN_ONCE_OPTIONS,
     )
+    return graphdef, initial(init_params)
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: dict,
+    so_far: metrics.TrainMetrics,
+    batch: dict,
+    *,
+    loss_fn: Any,
+    update_args: frozenset[str] = frozenset(),
+) -> tuple[dict, metrics.TrainMetrics]:
+    """One optimizer step on ``batch``; returns the new state and the metrics merged so far."""
+    model, optimizer = nnx.merge(graphdef, state)
+    images, labels = batch["image"], batch["label"]
+    # Values, not the Variables themselves (which the forward pass below updates).
+    old_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    def loss_of(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+        logits = model(images)
+        return loss_fn(logits, labels), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+    grads = parallel.mean(grads)  # over the devices (pmap; under jit XLA does it)
+    extra = {}
+    if update_args:  # optimizers that take the loss too (momo, sophia, ...)
+        model_def, _, rest = nnx.split(model, nnx.Param, ...)
+        extra = optim.update_args(
+            update_args,
+            loss=parallel.mean(loss),
+            grads=grads,
+            loss_of_params=lambda params: loss_fn(nnx.merge(model_def, params, rest)(images), labels),
+        )
+    optimizer.update(model, grads, **extra)
+    # A skipped (non-finite) update leaves the batch-norm statistics as they were too.
+    new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    nnx.update(model, optim.keep_if_skipped(optimizer.opt_state, new_stats, old_stats))
+    step = metrics.train_step_metrics(
+        loss=loss,
+        logits=logits,
+        labels=labels,
+        grads=grads,
+        learning_rate=optim.learning_rate(optimizer.opt_state),
+        nonfinite_count=optim.nonfinite_count(optimizer.opt_state),
+        axis_name=parallel.AXIS_NAME,
+    )
+    return nnx.to_pure_dict(nnx.state((model, optimizer))), so_far.merge(step)
+
+
+def eval_step(
+    graphdef: nnx.GraphDef, state: dict, so_far: metrics.EvalMetrics, batch: dict, *, loss_fn: Any
+) -> metrics.EvalMetrics:
+    """The metrics of ``batch``'s real examples (``mask``), merged into those so far."""
+    model, optimizer = nnx.merge(graphdef, state)
+    # EMA or schedule-free evaluation parameters when configured, else the parameters.
+    nnx.update(model, optim.eval_params(optimizer.opt_state, nnx.state(model, nnx.Param)))
+    model.eval()  # batch norm uses its running averages
+    logits = model(batch["image"])
+    step = metrics.eval_step_metrics(
+        loss_fn, logits, batch["label"], batch["mask"], axis_name=parallel.AXIS_NAME
+    )
+    return so_far.merge(step)
 
 
 def init_params(config: ml_collections.ConfigDict) -> dict:
     """The model's freshly initialised parameters as a nested dict of numpy arrays
     (what ``train_and_evaluate`` starts from without ``init_params``)."""
-    model = _model(config, *input_pipeline.dataset_info(config))
+    model = create_model(config, *input_pipeline.dataset_info(config))
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, init_params: Any = None
-) -> dict[str, list[tuple[int, float]]]:
+) -> loop.History:
     """Trains the model ``config`` describes, evaluating and checkpointing in ``workdir``.
 
     Rerunning with the same ``workdir`` resumes from the latest checkpoint.
@@ -176,9 +157,30 @@ def train_and_evaluate(
     Returns:
       Every logged scalar: ``{name: [(step, value), ...]}``.
     """
-    return trainer.run(
+    # A bad key or value stops here, with one line, before anything compiles or is written.
+    loop.prepare(config, model_check=models.check_model_config)
+    num_classes, input_shape = input_pipeline.dataset_info(config)
+
+    tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
+    graphdef, state = create_train_state(config, tx, num_classes, input_shape, init_params)
+    if jax.process_index() == 0:
+        params = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)
+        table = masks.summary(params, config.optimizer, total_steps=config.num_train_steps)
+        logging.info("Parameters:\n%s", table)
+
+    loss_fn = losses.create(config.loss)
+    update_args = optim.extra_update_args(config.optimizer)
+    dp = parallel.DataParallel()
+    return loop.fit(
         config,
         workdir,
-        build_task=lambda config, setup: build_task(config, setup, init_params),
-        model_check=models.check_model_config,
+        state=state,
+        train_step=dp.compile_train_step(
+            functools.partial(train_step, graphdef, loss_fn=loss_fn, update_args=update_args)
+        ),
+        eval_step=dp.compile_eval_step(functools.partial(eval_step, graphdef, loss_fn=loss_fn)),
+        parallel=dp,
+        train_batches=lambda start_step: input_pipeline.train_batches(config, start_step),
+        eval_batches=lambda: input_pipeline.eval_batches(config),
+        input_shape=input_shape,
     )
