@@ -8,7 +8,7 @@
 Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
 
 - ``overhead``: three loops in one process. The variant's own train step, built by its
-  ``trainer.run`` (``build_task`` and ``DataParallel.compile_train_step``), (1) fed by its own
+  ``train_and_evaluate`` (:func:`build`), (1) fed by its own
   input path and (2) fed one fixed batch -- the first item of its ``dp.train_batches`` iterator,
   reused every step, from a second copy of the initial state -- and (3) a hand-written
   ``jax.jit`` loop over the same network (pure ``jax.lax``, the variant's initial parameters,
@@ -21,7 +21,7 @@ Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
 - ``resnet``: the variant's train step on a ResNet (the CIFAR-10 config's model, sizes given)
   and one fixed CIFAR-10-shaped batch against the same model called as a pure function in a
   hand-written ``jax.jit`` step; steps/s and XLA's FLOPs per step of each. Built with
-  ``trainer.make_setup``, without TensorFlow or tensorflow-datasets (refused if imported).
+  ``build``, without TensorFlow or tensorflow-datasets (refused if imported).
 - ``tta``: ``main.py --config=configs/default.py`` in this process, timing the imports, the
   compilation (JAX's own compile events) and the first evaluation at >= 97% accuracy.
 """
@@ -95,18 +95,47 @@ def _paired_ratio(variant: list[float], hand: list[float]) -> dict:
 
 
 def build(package: str, config, num_classes: int | None = None, input_shape=None):
-    """The variant's setup and task as its ``trainer.run`` builds them: the config checked,
-    ``trainer.make_setup`` with the dataset's facts (read from its metadata unless given),
-    then ``train.build_task``."""
+    """The variant's state and compiled train step as its ``train_and_evaluate`` builds them:
+    the config checked, the dataset's facts (read from its metadata unless given), the optimizer,
+    ``train.create_train_state`` and ``train.train_step`` compiled by ``parallel.DataParallel``.
+
+    Returns a namespace: ``dp``, ``state`` (on the host), ``train_step`` (compiled), ``train``
+    (the module), ``num_classes``, ``input_shape``, ``dtype``.
+    """
+    import functools
+    import types
+
+    import jax.numpy as jnp
+
+    from plugins import loop, losses, optim
+
     train = importlib.import_module(f"{package}.train")
-    trainer = importlib.import_module(f"{package}.trainer")
     models = importlib.import_module(f"{package}.models")
-    trainer.validate_config(config, models.check_model_config)
+    parallel = importlib.import_module(f"{package}.parallel")
+    loop.check_config(config, model_check=models.check_model_config)
     if num_classes is None:
         input_pipeline = importlib.import_module(f"{package}.input_pipeline")
         num_classes, input_shape = input_pipeline.dataset_info(config)
-    setup = trainer.make_setup(config, num_classes=num_classes, input_shape=input_shape)
-    return trainer, train, setup, train.build_task(config, setup)
+    tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
+    state = train.create_train_state(config, tx, num_classes, tuple(input_shape))
+    step = functools.partial(
+        train.train_step,
+        loss_fn=losses.create(config.loss),
+        update_args=optim.extra_update_args(config.optimizer),
+    )
+    if isinstance(state, tuple):  # NNX: (graphdef, state)
+        graphdef, state = state
+        step = functools.partial(step, graphdef)
+    dp = parallel.DataParallel()
+    return types.SimpleNamespace(
+        dp=dp,
+        state=state,
+        train_step=dp.compile_train_step(step),
+        train=train,
+        num_classes=num_classes,
+        input_shape=tuple(input_shape),
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+    )
 
 
 def _hand_written_parts(config, init_params: dict):
@@ -219,33 +248,31 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     import jax
     from configs import default
 
-    from plugins import data
+    from plugins import data, loop, metrics
 
     config = default.get_config()
-    trainer, train, setup, task = build(package, config)
+    built = build(package, config)
     input_pipeline = importlib.import_module(f"{package}.input_pipeline")
-    dp = setup.dp
+    dp, train = built.dp, built.train
 
     def input_path():
-        host = input_pipeline.train_batches(
-            config, batch_size=config.batch_size // jax.process_count(), start_step=0
-        )
+        host = input_pipeline.train_batches(config, 0)
         return host, dp.train_batches(host)
 
     # The variant, as its trainer runs it. Both of its loops start from their own copy of the
     # initial state (the step donates its state argument) and share the (never donated) empty
     # metrics.
-    empty = dp.put_state(trainer.TrainMetrics.empty())
-    step = dp.compile_train_step(task.train_step)
+    empty = dp.put_state(metrics.TrainMetrics.empty())
+    step = built.train_step
     host, batches = input_path()
-    variant = {"state": dp.put_state(task.state)}
+    variant = {"state": dp.put_state(built.state)}
 
     def variant_block(steps: int) -> None:
-        state, acc, fence = variant["state"], empty, trainer.Fence()
+        state, acc, fence = variant["state"], empty, loop.Fence()
         for _ in range(steps):
             state, acc = step(state, acc, next(batches))
             fence(acc)  # as the trainer's loop bounds the steps in flight
-        variant["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
+        variant["loss"] = metrics.scalars(dp.to_host(acc))["train_loss"]  # the log-step read
         variant.update(state=state)
 
     # The same step with no input path: the first batch of a second, identical iterator (so the
@@ -253,14 +280,14 @@ def overhead(package: str, blocks: str, steps_per_block: str) -> dict:
     fixed_host, fixed_batches = input_path()
     fixed_batch = next(fixed_batches)
     fixed_host.close() if hasattr(fixed_host, "close") else None
-    fixed = {"state": dp.put_state(task.state)}
+    fixed = {"state": dp.put_state(built.state)}
 
     def fixed_block(steps: int) -> None:
-        state, acc, fence = fixed["state"], empty, trainer.Fence()
+        state, acc, fence = fixed["state"], empty, loop.Fence()
         for _ in range(steps):
             state, acc = step(state, acc, fixed_batch)
             fence(acc)
-        fixed["loss"] = trainer._scalars(dp.to_host(acc))["train_loss"]  # the log-step read
+        fixed["loss"] = metrics.scalars(dp.to_host(acc))["train_loss"]  # the log-step read
         fixed.update(state=state)
 
     # The hand-written loop over the same network and initial parameters.
@@ -317,18 +344,16 @@ def throughput(package: str, steps: str, blocks: str = "9") -> dict:
     import numpy as np
     from configs import default
 
-    from plugins import data
+    from plugins import data, metrics
 
     config = default.get_config()
-    trainer, train, setup, task = build(package, config)
+    built = build(package, config)
     input_pipeline = importlib.import_module(f"{package}.input_pipeline")
-    dp = setup.dp
-    state = dp.put_state(task.state)
-    empty = dp.put_state(trainer.TrainMetrics.empty())
-    step = dp.compile_train_step(task.train_step)
-    host = input_pipeline.train_batches(
-        config, batch_size=config.batch_size // jax.process_count(), start_step=0
-    )
+    dp = built.dp
+    state = dp.put_state(built.state)
+    empty = dp.put_state(metrics.TrainMetrics.empty())
+    step = built.train_step
+    host = input_pipeline.train_batches(config, 0)
     batches = dp.train_batches(host)
     batch_list = [next(batches) for _ in range(8)]
     totals = _compile_listener()
@@ -353,7 +378,7 @@ def throughput(package: str, steps: str, blocks: str = "9") -> dict:
         data.train_iterator(config.dataset, batch_size=config.batch_size, seed=0, prefetch=0)
     )
     meter = load_meter(
-        config, train.init_params(config), np.asarray(reference["image"]),
+        config, built.train.init_params(config), np.asarray(reference["image"]),
         np.asarray(reference["label"]),
     )  # fmt: skip
     meter(2)  # compile
@@ -448,25 +473,25 @@ def resnet(
     import numpy as np
     from configs import cifar10
 
-    from plugins import data
+    from plugins import data, metrics
 
     config = cifar10.get_config()
     config.batch_size = int(batch_size)
     config.model.stage_sizes = tuple(int(s) for s in stages.split(","))
     config.model.num_filters = int(filters)
     config.half_precision = half == "1"
-    # CIFAR-10's facts, as trainer.run would read them from the dataset's metadata.
-    trainer, _, setup, task = build(package, config, CIFAR10_CLASSES, CIFAR10_SHAPE)
+    # CIFAR-10's facts, as train_and_evaluate would read them from the dataset's metadata.
+    setup = build(package, config, CIFAR10_CLASSES, CIFAR10_SHAPE)
     dp = setup.dp
     rng = np.random.default_rng(0)
     host = data.example_batch(setup.input_shape, config.batch_size)
     host["image"] = rng.standard_normal(host["image"].shape).astype(host["image"].dtype)
     host["label"] = rng.integers(0, setup.num_classes, config.batch_size).astype(np.int32)
 
-    step = dp.compile_train_step(task.train_step)
+    step = setup.train_step
     batch = next(dp.train_batches([host]))
-    empty = dp.put_state(trainer.TrainMetrics.empty())
-    variant = {"state": dp.put_state(task.state)}
+    empty = dp.put_state(metrics.TrainMetrics.empty())
+    variant = {"state": dp.put_state(setup.state)}
     compiled = step.lower(variant["state"], empty, batch).compile()
     variant_flops = _flops(compiled)
     # On CPU train_batches gives the step numpy batches, which its dispatch places every step;

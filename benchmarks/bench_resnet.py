@@ -2,8 +2,8 @@
 It runs on the default JAX backend (a GPU where there is one; the other benchmarks force the CPU).
 
 For each generated variant, a fresh process builds the variant's train state and step as its
-``trainer.run`` does (``trainer.make_setup`` with CIFAR-10's 10 classes of 32x32x3 images, then
-``build_task``) on ``configs/cifar10.py`` (its ResNet with batch norm, SGD with Nesterov
+``train_and_evaluate`` does (``_driver.build`` with CIFAR-10's 10 classes of 32x32x3 images)
+on ``configs/cifar10.py`` (its ResNet with batch norm, SGD with Nesterov
 momentum, decoupled weight decay, label smoothing) at the sizes of each row, and runs it on one
 fixed batch of random 32x32x3 images already on the device (this measures the step, not the
 input pipeline). It never imports TensorFlow or tensorflow-datasets, which accelerator machines

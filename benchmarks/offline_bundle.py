@@ -14,7 +14,7 @@ repository's root (``plugins`` imports from it):
     PYTHONPATH=/tmp/site:$PWD BENCH_PROJECTS=.bench_bundle/projects python -m benchmarks.run resnet
 
 The ``resnet`` benchmark needs neither TensorFlow nor tensorflow-datasets (it builds each
-variant's steps with ``trainer.make_setup``); the others read the digits dataset and need both.
+variant's steps with ``_driver.build``); the others read the digits dataset and need both.
 """
 
 from __future__ import annotations

@@ -40,8 +40,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from plugins import config_errors, data, losses, masks, metrics, optim, schedules
-from plugins import tensorflow_setup
+from plugins import config_errors, data, losses, masks, metrics, optim, schedules, tensorflow_setup
 
 History = dict[str, list[tuple[int, float]]]
 
@@ -429,7 +428,8 @@ def fit(
     if is_chief:
         # Each run records its own config (a rerun may train longer, or with another batch size).
         writer.write_hparams(flat_hparams(config))
-        _write_atomically(workdir_path / "config.py", lambda p: p.write_text(config_file_text(config)))
+        config_text = config_file_text(config)
+        _write_atomically(workdir_path / "config.py", lambda p: p.write_text(config_text))
         # matplotlib is slow to import: plot while the first steps run.
         accumulate = config.optimizer.get("accumulate_steps", 1) or 1
         plot_thread = threading.Thread(
@@ -500,7 +500,9 @@ def fit(
             )  # fmt: skip
 
     def save_checkpoint(step: int, state: Any, accumulated: Any) -> None:
-        saved = dict(state=parallel.host_state(state), train_metrics=parallel.host_state(accumulated))
+        saved = dict(
+            state=parallel.host_state(state), train_metrics=parallel.host_state(accumulated)
+        )
         if not bool(metrics.all_finite(saved)):
             why = (
                 ": the gradients were finite (skip_nonfinite skips only non-finite ones) but the "

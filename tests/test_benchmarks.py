@@ -79,7 +79,7 @@ def test_offline_bundle_projects_replace_rendering(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_PROJECTS", str(tmp_path / "projects"))
     try:
         assert _template.generate() == projects
-        assert all((p / "bench_project" / "trainer.py").is_file() for p in projects.values())
+        assert all((p / "bench_project" / "train.py").is_file() for p in projects.values())
         _template.generate.cache_clear()
         shutil.rmtree(projects["linen-pmap"])
         with pytest.raises(FileNotFoundError, match="linen-pmap"):

@@ -41,7 +41,7 @@ SHIPPED = {
     "tests/test_reliability.py",
     "tests/test_multihost.py",
 }
-PACKAGE_FILES = {"__init__.py", "input_pipeline.py", "trainer.py", *VARIANT_FILES}
+PACKAGE_FILES = {"__init__.py", "input_pipeline.py", *VARIANT_FILES}
 
 
 def generate(output_dir: Path, **answers: str) -> Path:
