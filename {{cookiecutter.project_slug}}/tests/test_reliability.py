@@ -2,10 +2,10 @@
 
 Runs are stopped from the inside at a random step: the data iterator sends the signal when it is
 asked for a batch, or orbax's commit of a checkpoint does (an interruption in the middle of a
-checkpoint write). SIGKILLed runs are separate ``main.py`` processes; SIGTERM is caught by the
-training loop, so those runs stay in this process (through ``main.train_or_exit``, which turns it into
-the exit code). The NaN tests feed batches of NaN/Inf images at chosen steps by replacing
-``input_pipeline.train_batches`` for the test only.
+checkpoint write). SIGKILLed runs are separate ``main.py`` processes; SIGTERM is caught by
+the training loop, so those runs stay in this process (through ``main.train_or_exit``, which
+turns it into the exit code). The NaN tests feed batches of NaN/Inf images at chosen steps by
+replacing ``input_pipeline.train_batches`` for the test only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
-
 from plugins import loop, metrics
 
 from {{ cookiecutter.package_name }} import input_pipeline, train

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -232,46 +231,3 @@ def test_steps_build_and_run_without_tensorflow():
     loss, error = result.stdout.strip().splitlines()[-2:]
     assert abs(float(loss) - math.log(10)) < 0.5  # ten classes, untrained: about log(10)
     assert "needs tensorflow-datasets" in error
-
-
-_CACHE_CHECK = """
-import sys
-import jax
-import main
-
-main.FLAGS(["main.py", "--config=configs/quick.py", "--workdir=unused", *sys.argv[1:]])
-path = main.compilation_cache_dir(main.FLAGS.compilation_cache_dir)
-main.enable_compilation_cache(path)
-jax.jit(lambda x: x * 2 + 1)(jax.numpy.arange(3.0)).block_until_ready()
-print(repr(path))
-print(repr(jax.config.jax_compilation_cache_dir))
-"""
-
-
-@pytest.mark.parametrize("how", ["flag", "env", "default", "off"])
-def test_compilation_cache_location(tmp_path, how):
-    """The persistent compilation cache goes where the flag, then JAX_COMPILATION_CACHE_DIR,
-    then $XDG_CACHE_HOME/jax say, and compiled programs are written there; '' turns it off."""
-    project = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
-    args = []
-    expected = {"default": tmp_path / "xdg" / "jax", "flag": tmp_path / "flag", "off": None}
-    if how == "flag":
-        args = [f"--compilation_cache_dir={tmp_path / 'flag'}"]
-    elif how == "env":
-        env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "env")
-        expected["env"] = tmp_path / "env"
-    else:
-        args = ["--compilation_cache_dir="] if how == "off" else []
-    result = subprocess.run(
-        [sys.executable, "-c", _CACHE_CHECK, *args],
-        cwd=project, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    path, configured = result.stdout.strip().splitlines()[-2:]
-    if expected[how] is None:
-        assert path == "''" and configured == "None"
-        assert not (tmp_path / "xdg").exists()
-    else:
-        assert path == configured == repr(str(expected[how]))
-        assert any(expected[how].iterdir())  # the compiled program was written there

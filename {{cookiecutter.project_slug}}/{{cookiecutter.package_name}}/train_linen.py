@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 from flax.training import train_state
-from plugins import losses, loop, masks, metrics, optim
+from plugins import loop, losses, masks, metrics, optim
 
 from . import input_pipeline, models, parallel
 
@@ -113,9 +113,7 @@ def train_step(
         logits, batch_stats = apply_model(state, params, images, train=True)
         return loss_fn(logits, labels), (logits, batch_stats)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-        state.params
-    )
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     grads = parallel.mean(grads)  # over the devices (pmap; under jit XLA does it)
     extra = None
     if update_args:  # optimizers that take the loss too (momo, sophia, ...)

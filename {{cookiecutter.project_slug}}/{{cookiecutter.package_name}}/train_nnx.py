@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from plugins import losses, loop, masks, metrics, optim
+from plugins import loop, losses, masks, metrics, optim
 
 from . import input_pipeline, models, parallel
 
@@ -97,11 +97,12 @@ def train_step(
     extra = {}
     if update_args:  # optimizers that take the loss too (momo, sophia, ...)
         model_def, _, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_of_params(params: Any) -> jax.Array:
+            return loss_fn(nnx.merge(model_def, params, rest)(images), labels)
+
         extra = optim.update_args(
-            update_args,
-            loss=parallel.mean(loss),
-            grads=grads,
-            loss_of_params=lambda params: loss_fn(nnx.merge(model_def, params, rest)(images), labels),
+            update_args, loss=parallel.mean(loss), grads=grads, loss_of_params=loss_of_params
         )
     optimizer.update(model, grads, **extra)
     # A skipped (non-finite) update leaves the batch-norm statistics as they were too.
