@@ -167,8 +167,9 @@ def one_line_errors() -> Iterator[None]:
     ``config error: ...``, exit 1. SIGTERM or Ctrl-C (``loop.Preempted``, a checkpoint was
     saved): its line, exit 143 or 130. A NaN/Inf without ``optimizer.skip_nonfinite``
     (``loop.NonFiniteError``, the last good checkpoint intact): ``non-finite: ...``, exit 1. A
-    dataset that can be neither read nor downloaded: ``data error: ...``, exit 1. Ctrl-C twice:
-    exit 130 at once.
+    dataset that can be neither read nor downloaded: ``data error: ...``, exit 1. No checkpoint to
+    evaluate (``loop.CheckpointNotFound``): ``workdir error: ...``, exit 1. Ctrl-C twice: exit 130
+    at once.
     """
     from plugins import loop
     from plugins.config_errors import ConfigError
@@ -185,6 +186,8 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(f"non-finite: {error}")
     except DatasetUnavailable as error:  # e.g. MNIST without network
         sys.exit(f"data error: {error}")
+    except loop.CheckpointNotFound as error:  # --mode=eval of a workdir without one
+        sys.exit(f"workdir error: {error}")
     except KeyboardInterrupt:  # Ctrl-C twice in the training steps
         exit_interrupted()
 

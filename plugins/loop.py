@@ -61,6 +61,10 @@ CONFIG_KEYS = (
     "optimizer",
     "loss",
 )
+# Keys a config may have; their defaults when it has not.
+OPTIONAL_KEYS = {"profile_steps": 0}
+# A profile (``profile_steps``) starts after this many steps of the run: compiled and warm.
+PROFILE_AFTER_STEPS = 5
 # Imported with TensorFlow in a background thread while the steps compile (see ``prepare``).
 WRITER_MODULES = ("clu.metric_writers", "clu.periodic_actions")
 # At most this many steps are dispatched ahead of the devices (see ``Fence``).
@@ -105,6 +109,10 @@ class NonFiniteError(RuntimeError):
     def __init__(self, step: int, message: str) -> None:
         super().__init__(message)
         self.step = step
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """The workdir has no checkpoint (of the step asked for) to evaluate."""
 
 
 class PreemptionNotice:
@@ -199,11 +207,12 @@ def check_config(
       extra_keys: top-level keys of your own, besides ``CONFIG_KEYS``.
     """
     cfg = config_errors.as_dict(config)
-    config_errors.check_keys(cfg, (*CONFIG_KEYS, *extra_keys), "config")
+    config_errors.check_keys(cfg, (*CONFIG_KEYS, *OPTIONAL_KEYS, *extra_keys), "config")
     missing = [k for k in CONFIG_KEYS if k not in cfg]
     if missing:
         raise config_errors.ConfigError(f"config is missing the key(s) {', '.join(missing)}")
     _positive_int(cfg, "seed", minimum=0)
+    _positive_int({**OPTIONAL_KEYS, **cfg}, "profile_steps", minimum=0)
     for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps"):  # fmt: skip
         _positive_int(cfg, key)
@@ -359,6 +368,33 @@ def _save_plot(optimizer_config: Any, *, total_steps: int, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+class _Profile:
+    """A ``jax.profiler`` trace of ``steps`` training steps, ``PROFILE_AFTER_STEPS`` after the
+    run's ``first`` step, into ``<workdir>/plugins/profile/<time>/`` (TensorBoard's profile
+    plugin shows it: ``tensorboard --logdir <workdir>``, tab PROFILE). Process 0 only."""
+
+    def __init__(self, workdir: Path, steps: int, first: int) -> None:
+        self.workdir, self.steps = workdir, steps if jax.process_index() == 0 else 0
+        self.start = first + PROFILE_AFTER_STEPS
+        self.running = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.start:
+            jax.profiler.start_trace(str(self.workdir))
+            self.running = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.running and step == self.start + self.steps - 1:
+            jax.block_until_ready(outputs)  # the traced steps run inside the trace
+            self.stop()
+            logging.info("Profiled steps %d to %d into %s", self.start, step, self.workdir)
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            jax.profiler.stop_trace()
 
 
 def fit(
@@ -529,12 +565,15 @@ def fit(
     start = time.monotonic()
     preemption = PreemptionNotice()
     preempted_at = None
+    profile = _Profile(workdir_path, config.get("profile_steps", 0), first=initial_step + 1)
     try:
         with preemption, metric_writers.ensure_flushes(writer):
             fence = Fence()
             for step in range(initial_step + 1, total_steps + 1):
+                profile.before(step)
                 state, accumulated = train_step(state, accumulated, next(device_batches))
                 fence(accumulated)
+                profile.after(step, accumulated)
                 last = step == total_steps
                 stop = not last and preemption.reached(step)
                 log = step % config.log_every_steps == 0 or last
@@ -561,6 +600,7 @@ def fit(
                 logging.info("Already trained %d steps; evaluating only.", initial_step)
                 write(initial_step, evaluate(state))
     finally:
+        profile.stop()
         if hasattr(host_batches, "close"):
             host_batches.close()
         checkpoints.wait_until_finished()  # a checkpoint being written is completed
@@ -573,3 +613,49 @@ def fit(
     final = {name: values[-1][1] for name, values in history.items() if name.startswith("eval_")}
     logging.info("Done in %.1f s of training; final %s", time.monotonic() - start, final)
     return dict(history)
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    state: Any,
+    eval_step: Any,
+    parallel: Parallel,
+    eval_batches: Callable[[], Iterable[dict]],
+    step: int | None = None,
+) -> tuple[int, dict[str, float]]:
+    """Evaluates the checkpoint of ``step`` (default: the latest) in ``workdir``, training
+    nothing and writing nothing; returns ``(step, {'eval_loss': ..., 'eval_accuracy': ...})``.
+
+    ``state`` is an initial train state of the run's config (the checkpoint is restored into its
+    layout); the other arguments are :func:`fit`'s. Raises :class:`CheckpointNotFound` when there
+    is no such checkpoint, ``ConfigError`` when it was written for another model or optimizer.
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointNotFound(f"{directory} does not exist: train first, or name the workdir")
+    checkpoints = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False)
+    )
+    try:
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise CheckpointNotFound(f"{directory} holds no checkpoint: train first")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointNotFound(
+                f"{directory} holds no checkpoint of step {step}; it has steps "
+                f"{', '.join(map(str, sorted(steps)))}"
+            )
+        empty_train = parallel.put_state(metrics.TrainMetrics.empty())
+        state, _ = _restore(checkpoints, step, parallel.put_state(state), empty_train, parallel)
+    finally:
+        checkpoints.close()
+    totals, fence = parallel.put_state(metrics.EvalMetrics.empty()), Fence()
+    for batch in parallel.eval_batches(eval_batches()):
+        totals = eval_step(state, totals, batch)
+        fence(totals)
+    scalars = metrics.scalars(parallel.to_host(totals))
+    logging.info("Evaluated the checkpoint of step %d in %s: %s", step, directory, scalars)
+    return step, scalars

@@ -28,6 +28,11 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and plots.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"], "train: train (or resume) and evaluate; eval: evaluate "
+    "the latest checkpoint in --workdir (or the one of --step), training nothing."
+)  # fmt: skip
+flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint's step (default: latest).")
 cli.define_flags()  # --coordinator_address ... (several processes), --compilation_cache_dir
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -41,12 +46,23 @@ def train_or_exit(config: Any, workdir: str) -> dict[str, list[tuple[int, float]
         return train.train_and_evaluate(config, workdir)
 
 
+def evaluate_or_exit(config: Any, workdir: str, step: int | None) -> None:
+    """Evaluates a checkpoint (``train.evaluate``) and prints its metrics."""
+    from {{ cookiecutter.package_name }} import train
+
+    with cli.one_line_errors():
+        step, scalars = train.evaluate(config, workdir, step=step)
+    print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items())))
+
+
 def main(argv: list[str]) -> None:
     # Checks the arguments and the workdir, joins the other processes (if any), turns on the
     # compilation cache and loads the config.
     config = cli.start(argv, FLAGS["config"], FLAGS.workdir)
-    history = train_or_exit(config, FLAGS.workdir)
-    cli.print_final(history)
+    if FLAGS.mode == "eval":
+        evaluate_or_exit(config, FLAGS.workdir, FLAGS.step)
+    else:
+        cli.print_final(train_or_exit(config, FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 300
     # Compute in bfloat16 (parameters and optimizer state stay float32).
     config.half_precision = False
+    # Trace this many training steps (after 5 of warm-up) with jax.profiler into the workdir;
+    # TensorBoard's profile tab shows it. 0: no trace.
+    config.profile_steps = 0
     # The optimizer, built by plugins.optim.create (every key is in ``optimizer()`` above):
     # AdamW with warmup and cosine decay, weight decay on matrices only.
     config.optimizer = optimizer(name="adamw", learning_rate=3e-3, weight_decay=1e-2)

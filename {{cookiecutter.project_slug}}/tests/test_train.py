@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import runpy
 import subprocess
 import sys
 import threading
@@ -43,11 +44,27 @@ def test_loss_falls_checkpoints_and_resume(tmp_path):
     assert (tmp_path / "learning_rate.png").is_file()
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
-    # The same workdir with more steps resumes at step 20 instead of starting over.
+    # The resolved config is saved in the workdir, as a config file to rerun or diff.
+    saved = runpy.run_path(str(tmp_path / "config.py"))["get_config"]()
+    assert saved.to_dict() == config.to_dict()
+
+    # --mode=eval: a checkpoint evaluated without training gives what the run logged.
+    assert train.evaluate(config, str(tmp_path)) == (
+        20, {name: history[name][-1][1] for name in ("eval_loss", "eval_accuracy")}
+    )  # fmt: skip
+    assert (
+        train.evaluate(config, str(tmp_path), step=10)[1]["eval_accuracy"]
+        == (history["eval_accuracy"][0][1])
+    )
+
+    # The same workdir with more steps resumes at step 20 instead of starting over; this run
+    # also traces steps 26-27 (after 5 of warm-up) for TensorBoard's profile tab.
     config.num_train_steps = 30
+    config.profile_steps = 2
     resumed = train.train_and_evaluate(config, str(tmp_path))
     assert [step for step, _ in resumed["train_loss"]] == [25, 30]
     assert _checkpoint_steps(tmp_path)[-1] == 30
+    assert len(list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))) == 1
 
 
 class _Tracked:

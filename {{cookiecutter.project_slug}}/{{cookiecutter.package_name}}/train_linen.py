@@ -202,3 +202,25 @@ def train_and_evaluate(
         eval_batches=lambda: input_pipeline.eval_batches(config),
         input_shape=input_shape,
     )
+
+
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
+) -> tuple[int, dict[str, float]]:
+    """Evaluates the checkpoint of ``step`` (default: the latest) in ``workdir`` on the eval
+    split, training nothing; returns ``(step, {'eval_loss': ..., 'eval_accuracy': ...})``."""
+    loop.check_config(config, model_check=models.check_model_config)
+    num_classes, input_shape = input_pipeline.dataset_info(config)
+    tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
+    state = create_train_state(config, tx, num_classes, input_shape)
+    loss_fn = losses.create(config.loss)
+    dp = parallel.DataParallel()
+    return loop.evaluate(
+        config,
+        workdir,
+        state=state,
+        eval_step=dp.compile_eval_step(functools.partial(eval_step, loss_fn=loss_fn)),
+        parallel=dp,
+        eval_batches=lambda: input_pipeline.eval_batches(config),
+        step=step,
+    )
