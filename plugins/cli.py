@@ -171,7 +171,7 @@ def one_line_errors() -> Iterator[None]:
     evaluate (``loop.CheckpointNotFound``): ``workdir error: ...``, exit 1. Ctrl-C twice: exit 130
     at once.
     """
-    from plugins import loop
+    from plugins import export, loop
     from plugins.config_errors import ConfigError
     from plugins.data import DatasetUnavailable
 
@@ -188,6 +188,8 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(f"data error: {error}")
     except loop.CheckpointNotFound as error:  # --mode=eval of a workdir without one
         sys.exit(f"workdir error: {error}")
+    except export.ImagesError as error:  # --mode=predict
+        sys.exit(f"images error: {error}")
     except KeyboardInterrupt:  # Ctrl-C twice in the training steps
         exit_interrupted()
 

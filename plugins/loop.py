@@ -615,23 +615,28 @@ def fit(
     return dict(history)
 
 
-def evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    state: Any,
-    eval_step: Any,
-    parallel: Parallel,
-    eval_batches: Callable[[], Iterable[dict]],
-    step: int | None = None,
-) -> tuple[int, dict[str, float]]:
-    """Evaluates the checkpoint of ``step`` (default: the latest) in ``workdir``, training
-    nothing and writing nothing; returns ``(step, {'eval_loss': ..., 'eval_accuracy': ...})``.
+class _OneDevice:
+    """Placement on the default device (``restore`` without a ``parallel``)."""
 
-    ``state`` is an initial train state of the run's config (the checkpoint is restored into its
-    layout); the other arguments are :func:`fit`'s. Raises :class:`CheckpointNotFound` when there
-    is no such checkpoint, ``ConfigError`` when it was written for another model or optimizer.
+    def put_state(self, state: Any) -> Any:
+        return jax.device_put(state, jax.devices()[0])
+
+    def host_state(self, state: Any) -> Any:
+        return state
+
+
+def restore(
+    workdir: str, state: Any, *, parallel: Parallel | None = None, step: int | None = None
+) -> tuple[int, Any]:
+    """``(step, state)`` of the checkpoint of ``step`` (default: the latest) in ``workdir``,
+    writing nothing.
+
+    ``state`` is an initial train state of the run's config, on the host (the checkpoint is
+    restored into its layout); the result is placed as ``parallel`` places states for the
+    compiled steps, or on one device. Raises :class:`CheckpointNotFound` when there is no such
+    checkpoint, ``ConfigError`` when it was written for another model or optimizer.
     """
+    parallel = parallel or _OneDevice()
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise CheckpointNotFound(f"{directory} does not exist: train first, or name the workdir")
@@ -652,10 +657,29 @@ def evaluate(
         state, _ = _restore(checkpoints, step, parallel.put_state(state), empty_train, parallel)
     finally:
         checkpoints.close()
+    return step, state
+
+
+def evaluate(
+    workdir: str,
+    *,
+    state: Any,
+    eval_step: Any,
+    parallel: Parallel,
+    eval_batches: Callable[[], Iterable[dict]],
+    step: int | None = None,
+) -> tuple[int, dict[str, float]]:
+    """Evaluates the checkpoint of ``step`` (default: the latest) in ``workdir``, training
+    nothing and writing nothing; returns ``(step, {'eval_loss': ..., 'eval_accuracy': ...})``.
+
+    ``state`` is an initial train state of the run's config (see :func:`restore`); the other
+    arguments are :func:`fit`'s.
+    """
+    step, state = restore(workdir, state, parallel=parallel, step=step)
     totals, fence = parallel.put_state(metrics.EvalMetrics.empty()), Fence()
     for batch in parallel.eval_batches(eval_batches()):
         totals = eval_step(state, totals, batch)
         fence(totals)
     scalars = metrics.scalars(parallel.to_host(totals))
-    logging.info("Evaluated the checkpoint of step %d in %s: %s", step, directory, scalars)
+    logging.info("Evaluated the checkpoint of step %d in %s: %s", step, workdir, scalars)
     return step, scalars

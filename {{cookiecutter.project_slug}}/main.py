@@ -14,6 +14,7 @@ and exit with 143 and 130 (``plugins.cli`` says what else).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from absl import app, flags
@@ -29,10 +30,18 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and plots.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "eval"], "train: train (or resume) and evaluate; eval: evaluate "
-    "the latest checkpoint in --workdir (or the one of --step), training nothing."
+    "mode", "train", ["train", "eval", "predict", "export"],
+    "train: train (or resume) and evaluate. With the latest checkpoint in --workdir (or --step's), "
+    "training nothing: eval: evaluate it; predict: classify --images; export: write the model to "
+    "<workdir>/export (jax.export), usable without this code.",
 )  # fmt: skip
-flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint's step (default: latest).")
+flags.DEFINE_integer(
+    "step", None, "The checkpoint's step for eval/predict/export (default: latest)."
+)
+flags.DEFINE_string(
+    "images", None, "--mode=predict: a .npy/.npz file, an image or a folder of them."
+)
+flags.DEFINE_integer("top_k", 3, "predict: how many classes to print per image.")
 cli.define_flags()  # --coordinator_address ... (several processes), --compilation_cache_dir
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -55,12 +64,30 @@ def evaluate_or_exit(config: Any, workdir: str, step: int | None) -> None:
     print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items())))
 
 
+def use_or_exit(config: Any, workdir: str, mode: str) -> None:
+    """``--mode=predict`` (prints each image's top classes) or ``--mode=export``."""
+    from {{ cookiecutter.package_name }} import predict
+
+    if mode == "predict" and not FLAGS.images:
+        sys.exit("flag error: --mode=predict needs --images=PATH (.npy, .npz, image or folder)")
+    with cli.one_line_errors():
+        if mode == "export":
+            print(f"exported to {predict.export_model(config, workdir, step=FLAGS.step)}")
+            return
+        for name, ranked in predict.predict(
+            config, workdir, FLAGS.images, step=FLAGS.step, top_k=FLAGS.top_k
+        ):
+            print(f"{name}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+
+
 def main(argv: list[str]) -> None:
     # Checks the arguments and the workdir, joins the other processes (if any), turns on the
     # compilation cache and loads the config.
     config = cli.start(argv, FLAGS["config"], FLAGS.workdir)
     if FLAGS.mode == "eval":
         evaluate_or_exit(config, FLAGS.workdir, FLAGS.step)
+    elif FLAGS.mode in ("predict", "export"):
+        use_or_exit(config, FLAGS.workdir, FLAGS.mode)
     else:
         cli.print_final(train_or_exit(config, FLAGS.workdir))
 

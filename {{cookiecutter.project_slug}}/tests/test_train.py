@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from plugins import data, export
 from plugins.config_errors import ConfigError
 
-from {{ cookiecutter.package_name }} import parallel, train
+from {{ cookiecutter.package_name }} import parallel, predict, train
 
 from configs import cifar10, mnist, quick
 
@@ -56,6 +58,21 @@ def test_loss_falls_checkpoints_and_resume(tmp_path):
         train.evaluate(config, str(tmp_path), step=10)[1]["eval_accuracy"]
         == (history["eval_accuracy"][0][1])
     )
+
+    # --mode=predict and --mode=export: the exported forward pass (jax.export, usable without
+    # this code) gives the logits the checkpoint's model gives.
+    images = data.load_split(config.dataset, "test")["image"][:6]
+    np.save(tmp_path / "images.npy", images)
+    ranked = predict.predict(config, str(tmp_path), str(tmp_path / "images.npy"), top_k=2)
+    assert [name for name, _ in ranked] == [f"images.npy[{i}]" for i in range(6)]
+    assert all(len(top) == 2 and top[0][1] >= top[1][1] for _, top in ranked)
+    call, meta = export.load(predict.export_model(config, str(tmp_path)))
+    assert meta["step"] == 20 and len(meta["class_names"]) == 10
+    _, forward = train.trained_model(config, str(tmp_path))
+    batch = images.astype(np.float32) / 255.0
+    np.testing.assert_allclose(call(batch), jax.jit(forward)(batch), rtol=1e-5, atol=1e-5)
+    best = [top[0][0] for _, top in ranked]
+    assert best == [meta["class_names"][i] for i in np.argmax(call(batch), axis=-1)]
 
     # The same workdir with more steps resumes at step 20 instead of starting over; this run
     # also traces steps 26-27 (after 5 of warm-up) for TensorBoard's profile tab.

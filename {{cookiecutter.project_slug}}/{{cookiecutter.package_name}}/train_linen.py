@@ -216,7 +216,6 @@ def evaluate(
     loss_fn = losses.create(config.loss)
     dp = parallel.DataParallel()
     return loop.evaluate(
-        config,
         workdir,
         state=state,
         eval_step=dp.compile_eval_step(functools.partial(eval_step, loss_fn=loss_fn)),
@@ -224,3 +223,17 @@ def evaluate(
         eval_batches=lambda: input_pipeline.eval_batches(config),
         step=step,
     )
+
+
+def trained_model(
+    config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
+) -> tuple[int, Any]:
+    """``(step, forward)``: the model of the checkpoint of ``step`` (default: the latest) in
+    ``workdir`` as ``forward(images) -> logits``, in evaluation mode with the evaluation
+    parameters (the EMA ones if configured), on one device."""
+    num_classes, input_shape = input_pipeline.dataset_info(config)
+    tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
+    state = create_train_state(config, tx, num_classes, input_shape)
+    step, state = loop.restore(workdir, state, step=step)
+    params = optim.eval_params(state.opt_state, state.params)
+    return step, lambda images: apply_model(state, params, images, train=False)[0]
