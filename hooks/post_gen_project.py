@@ -123,3 +123,11 @@ if __name__ == "__main__":
     select_variants(project / ANSWERS["package_name"], json.loads(kept_list.read_text()))
     kept_list.unlink()
     pin_plugins(project / "pyproject.toml")
+    print(
+        f"\nCreated {project}. Next steps:\n"
+        f"  cd {project.name}\n"
+        "  python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]'\n"
+        "  python main.py --config=configs/default.py --workdir=runs/first\n"
+        "  pytest -q          # its tests, on 8 simulated CPU devices\n"
+        "  tensorboard --logdir runs\n"
+    )

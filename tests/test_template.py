@@ -28,6 +28,7 @@ BIN = Path(sys.executable).parent
 VARIANT_FILES = {"train.py", "models.py", "parallel.py"}
 SHIPPED = {
     "README.md",
+    ".gitignore",
     "pyproject.toml",
     "main.py",
     "configs/__init__.py",
@@ -41,7 +42,7 @@ SHIPPED = {
     "tests/test_reliability.py",
     "tests/test_multihost.py",
 }
-PACKAGE_FILES = {"__init__.py", "input_pipeline.py", *VARIANT_FILES}
+PACKAGE_FILES = {"__init__.py", "input_pipeline.py", "predict.py", *VARIANT_FILES}
 
 
 def generate(output_dir: Path, **answers: str) -> Path:
