@@ -42,7 +42,11 @@ def nearest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     found += [c for c in SYNONYMS.get(lowered, ()) if c in choices]
     forms = [lowered[: -len(s)] for s in _OPTAX_SUFFIXES if lowered.endswith(s)] + [lowered]
     for form in forms:
-        found += difflib.get_close_matches(form, choices, n=n, cutoff=0.5)
+        close = difflib.get_close_matches(form, choices, n=n, cutoff=0.5)
+        # Only the spellings about as close as the closest ('num_train_steps' for
+        # 'num_train_step', not also 'profile_steps').
+        ratios = [difflib.SequenceMatcher(None, form, c).ratio() for c in close]
+        found += [c for c, r in zip(close, ratios, strict=True) if r >= max(ratios) - 0.2]
     if not found:
         found = [c for c in choices if lowered in c.lower() or c.lower() in lowered]
     return list(dict.fromkeys(found))[:n]
