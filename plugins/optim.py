@@ -595,7 +595,7 @@ def check_config(optimizer_config: Any) -> dict[str, Any]:
         isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 < ema < 1
     ):
         raise ConfigError(
-            f"{where}.ema_decay must be None or a number in (0, 1), got {ema!r}: the EMA of the "
+            f"{where}.ema_decay must be None or in (0, 1), got {ema!r}: the EMA of the "
             "parameters, ema = ema_decay * ema + (1 - ema_decay) * params after each step, "
             "started at the initial parameters without bias correction"
         )

@@ -1136,7 +1136,7 @@ def test_an_optimizers_own_decay_with_optaxs_meaning_is_its_kwarg(name, mask):
         ),
         (
             dict(name="adamw", ema_decay=1.5),
-            r"ema_decay must be None or a number in \(0, 1\).*started at the initial parameters "
+            r"ema_decay must be None or in \(0, 1\), got 1\.5: .*started at the initial parameters "
             r"without bias correction",
         ),
     ],
