@@ -1079,6 +1079,9 @@ def _describe(
     name = cfg["name"]
     if name == "muon":
         name = "muon" if masks.is_2d_non_embedding(leaf_path, leaf) else "adamw"
+        adam_wd = cfg["kwargs"].get("adam_weight_decay")
+        if name == "adamw" and adam_wd is not None:  # every parameter of the AdamW half
+            return name, f"{adam_wd:g}"
     wd = cfg["weight_decay"]
     if wd is None:
         return name, "default"

@@ -1215,6 +1215,14 @@ def test_muon_adam_weight_decay_decays_the_adamw_half_as_optax_does():
     plain, _ = run_dict(optax.contrib.muon(LR), params, batches)
     gap = float(jnp.abs(plain[-1]["head"]["bias"] - expected[-1]["head"]["bias"]).max())
     assert gap > 1e-6
+    # The parameter table says so: path, shape, size, group, lr_mult, weight_decay, ...
+    rows = {
+        r.split()[0]: r.split()
+        for r in optim.summary(params, cfg, total_steps=10).splitlines()
+        if r.strip()
+    }
+    assert rows["head/bias"][-3:] == ["0.1", "no", "adamw"]
+    assert rows["head/kernel"][-3:] == ["default", "no", "muon"]
     # weight_decay goes to both halves, masked: the biases (AdamW half) are not decayed here.
     cfg = dict(name="muon", learning_rate=LR, weight_decay=WD)
     got, _ = run_dict(optim.create(cfg, total_steps=TOTAL_STEPS), params, batches)
