@@ -559,8 +559,10 @@ def _check_own_decay(cfg: dict[str, Any], where: str, key: str, *, mask_arg: boo
 def _check_kwarg_type(value: Any, default: Any, key: str, name: str) -> None:
     """A kwarg whose optax default is a number (or a bool) must be one: a string or list there
     would fail deep inside JAX when the step is traced."""
-    if callable(value) or default is inspect.Parameter.empty or default is None:
-        return
+    if default is inspect.Parameter.empty or default is None:
+        return  # an argument without a typed default
+    if callable(value) or hasattr(value, "dtype"):
+        return  # a schedule or an array
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(

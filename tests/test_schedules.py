@@ -94,11 +94,12 @@ def test_warmup_cosine_decay_steps_as_optax_writes_them():
     "schedule, n",
     [
         (dict(warmup_steps=100, decay_steps=100), 100),
-        (dict(warmup_steps=1.0), TOTAL),  # decay_steps defaults to the whole run
+        (dict(warmup_steps=0.5, decay_steps=0.5), TOTAL // 2),
     ],
 )
 def test_warmup_cosine_with_decay_steps_equal_to_warmup_steps_is_refused_as_optax_does(schedule, n):
-    """The warmup would end at end_value without reaching the peak; optax refuses it too."""
+    """The warmup would end at end_value without reaching the peak; optax refuses it too.
+    (Both equal to the whole run is a warmup over all of training: see the test below.)"""
     with pytest.raises(ValueError):
         optax.warmup_cosine_decay_schedule(0.0, PEAK, n, n, 1e-5)
     msg = error(dict(name="warmup_cosine", end_value=1e-5, **schedule))
