@@ -15,9 +15,11 @@ one line a user needs; the generated project's ``main.py`` and ``plugins-lr-curv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 
 from absl import flags
 
@@ -64,10 +66,75 @@ def unknown_key_line(error: BaseException, argv: Sequence[str]) -> str:
     return line
 
 
+# ml_collections' message for a value of the wrong type set on a (type-safe) ConfigDict field.
+_WRONG_TYPE = re.compile(
+    r"Could not override field '(?P<field>[^']+)' \(reference\)\. (?P<value>.*) is of original "
+    r"type <class '(?P<given>[\w.]+)'> and cannot be casted to type <class '(?P<expected>[\w.]+)'>"
+)
+
+
+def config_file_error_line(text: str, argv: Sequence[str]) -> str | None:
+    """The one line for ml_collections' ``Error whilst parsing config file: <traceback>`` (a
+    ``TypeError``/``ValueError`` raised inside ``get_config()``), or None for other errors.
+
+    A value of the wrong type becomes ``config error: cannot load --config=F: optimizer.
+    learning_rate (line 4): given 'fast' (a str), expected a float``; anything else the
+    exception's last line and the config file's line that raised it.
+    """
+    if "Error whilst parsing config file:" not in text:
+        return None
+    lines = [line for line in text.splitlines() if line.strip()]
+    path = config_path(argv).split(":", 1)[0]
+    lineno, source = None, ""
+    for i, line in enumerate(lines):
+        frame = re.match(r'\s*File "(.+)", line (\d+)', line)
+        if frame and path and os.path.abspath(frame.group(1)) == os.path.abspath(path):
+            lineno = int(frame.group(2))
+            following = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            source = "" if following.startswith("File ") else following
+    at = f" (line {lineno})" if lineno else ""
+    last = " ".join(lines[-1].split()) if lines else text
+    wrong = _WRONG_TYPE.search(last)
+    if not wrong:
+        return cannot_load_line(argv, f"{last}{at}")
+    key = wrong["field"]
+    # `config.optimizer.learning_rate = 'fast'` names the whole path of the key.
+    assigned = re.match(r"[A-Za-z_]\w*((?:\.[A-Za-z_]\w*)+)\s*=(?!=)", source)
+    if assigned and assigned.group(1).rsplit(".", 1)[-1] == key:
+        key = assigned.group(1)[1:]
+    given, expected = _a(wrong["given"]), _a(wrong["expected"])
+    # ml_collections writes the value with str(): quote it back when it was a string.
+    value = repr(wrong["value"]) if wrong["given"] == "str" else wrong["value"]
+    return cannot_load_line(argv, f"{key}{at}: given {value} ({given}), expected {expected}")
+
+
+def _a(type_name: str) -> str:
+    """``'a float'``, ``'an int'``."""
+    return f"{'an' if type_name[:1] in 'aeiou' else 'a'} {type_name}"
+
+
+@contextlib.contextmanager
+def config_imports(argv: Sequence[str]) -> Iterator[None]:
+    """While loading the ``--config`` file of ``argv``: the parent of its folder on
+    ``sys.path``, so that ``configs/quick.py`` can ``from configs import default`` as it does
+    under the project's ``main.py`` (whose folder, the project root, Python puts there)."""
+    path = config_path(argv).split(":", 1)[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path))) if path else ""
+    added = bool(root) and root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        if added and root in sys.path:
+            sys.path.remove(root)
+
+
 def parse_error_line(error: BaseException, argv: Sequence[str]) -> str:
     """The one line for an error in ``PARSE_ERRORS`` raised while parsing ``argv``."""
     if isinstance(error, flags.Error):  # e.g. --config.num_train_steps=abc
-        return f"flag error: {' '.join(str(error).split())}"
+        in_file = config_file_error_line(str(error), argv)
+        return in_file or f"flag error: {' '.join(str(error).split())}"
     if isinstance(error, SyntaxError):  # in the config file
         return cannot_load_line(argv, f"{error.msg} (line {error.lineno})")
     if "get_config" in str(error):

@@ -101,11 +101,18 @@ def check_option_keys(
             raise unknown("key", f"{where}.{key}", key, valid)
         listing = ", ".join(sorted(valid - {"name"})) or "none"
         others = ", ".join(repr(o) for o in owners[:3]) + (", ..." if owners[3:] else "")
+        kept = {"name": name, **{k: v for k, v in config.items() if k in valid and k != "name"}}
         raise ConfigError(
             f"{where}.{key} is not an option of {what} {name!r} (its options: {listing}) but of "
-            f"{others}; --config.{where}.name=... keeps the config file's other keys, so "
-            f"switch {where} in a config file"
+            f"{others}; --config.{where}.name=... keeps the config file's other keys: to switch "
+            f'on the command line give the whole dict, --config.{where}="{_literal(kept)}" '
+            "(keys left out take their defaults), or switch it in the config file"
         )
+
+
+def _literal(value: Mapping[str, Any]) -> str:
+    """``value`` as a Python dict literal (what ml_collections parses for a ConfigDict field)."""
+    return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in value.items()) + "}"
 
 
 def check_positive_int(value: Any, key: str) -> None:

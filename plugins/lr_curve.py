@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         try:
-            fv(command_line)
+            with config_cli.config_imports(args):
+                fv(command_line)
         except config_cli.PARSE_ERRORS as e:
             raise ConfigError(config_cli.parse_error_line(e, args)) from None
         except ValueError:

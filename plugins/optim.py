@@ -8,12 +8,12 @@ an ``ml_collections`` config (or a plain dict)::
         learning_rate=1e-3,        # peak learning rate (required, > 0)
         kwargs=dict(b2=0.95),      # further keyword args of that optax function (checked)
         schedule=dict(name='warmup_cosine', warmup_steps=100, end_value=1e-5),
-        weight_decay=None,         # None: the optimizer's own default; a number: decoupled decay
+        weight_decay=None,         # None: the optimizer's own default; a number: lr * wd * param
         weight_decay_mask='matrices',   # 'all' | 'matrices' (ndim >= 2) | list of path regexes
         clip_global_norm=None,     # clip gradients by their global norm first
         clip_value=None,           # clip every gradient element to [-v, v] first
         accumulate_steps=1,        # optax.MultiSteps when > 1; schedules count optimizer steps
-        ema_decay=None,            # keep an EMA of the parameters (see eval_params)
+        ema_decay=None,            # EMA of the parameters from the initial ones (see ema_params)
         skip_nonfinite=False,      # skip updates whose gradients hold NaN/Inf, and count them
         freeze=[],                 # path regexes of parameters that never change (no state)
         param_groups=[],           # dict(match=..., lr_mult=..., weight_decay=..., optimizer=...)
@@ -27,10 +27,25 @@ The chain it builds, outermost first::
 Each wrapper is only present when its key asks for it, so ``name='adamw'`` with a schedule *is*
 ``optax.adamw(schedule)`` plus a tiny state that records the learning rate for logging.
 
+``weight_decay`` means one thing for every optimizer: AdamW's decoupled decay, ``-lr(step) *
+weight_decay * param`` on the parameters ``weight_decay_mask`` selects. It goes to the
+optimizer's own argument where optax's is that (adamw, lion, adan, sophia, muon, ...); where
+optax's own argument has another scale (``adafactor``'s ``weight_decay_rate`` is not multiplied by
+the learning rate; ``lamb``, ``lars``: scaled by the trust ratio; ``adadelta``, ``novograd``:
+rescaled or accumulated with the gradient) it is added after the optimizer instead, and the
+optimizer's own argument, with optax's meaning, is ``kwargs=dict(weight_decay=...)``
+(``weight_decay_rate`` for adafactor). Optimizers that estimate their own step size (prodigy,
+dadapt_adamw, dog, dowg, cocob, momo, mechanize) decay inside it, at the step size they use.
+``madgrad``, ``polyak_sgd`` and the wrappers ``schedule_free``/``sam`` refuse ``weight_decay``
+and say what to write instead.
+
 ``name='muon'`` means Muon (``optax.contrib.muon``) for rank-2 weights that are not embeddings and
 AdamW for everything else (biases, norms, embeddings, conv kernels); ``kwargs`` prefixed ``adam_``
 (``adam_b1``, ``adam_b2``, ``adam_eps_root``, ``adam_learning_rate``, ``adam_weight_decay``) go to
-the AdamW part.
+the AdamW part. ``weight_decay`` decays the parameters ``weight_decay_mask`` selects in both
+parts; ``kwargs.adam_weight_decay`` (as in optax) decays every parameter of the AdamW part.
+``name='polyak_sgd'`` takes ``learning_rate`` as its ``max_learning_rate`` (a fixed cap on the
+Polyak step size, no schedule) and needs ``value=`` (the loss) at update.
 
 Optimizers that need more than gradients at update time say so: ``extra_update_args(config)``
 names the arguments (``value`` for momo, ``obj_fn`` for sophia, ``value``/``grad``/``value_fn``
@@ -43,9 +58,11 @@ parent's learning rate and schedule.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -83,13 +100,22 @@ _NOT_OPTIMIZERS = {"selective_transform"}
 _SUB_OPTIMIZER_ARGS = ("base_optimizer", "optimizer", "adv_optimizer")
 # Extra arguments of ``update`` some optimizers need beyond (updates, state, params).
 _EXTRA_ARGS = {
+    "polyak_sgd": ("value",),
     "momo": ("value",),
     "momo_adam": ("value",),
     "sophia": ("obj_fn",),
     "lbfgs": ("value", "grad", "value_fn"),
 }
 # Optimizers whose learning rate must be a number, not a schedule (-> one that takes schedules).
-_FIXED_LR = {"rprop": None, "sm3": None, "optimistic_adam": "optimistic_adam_v2"}
+_FIXED_LR = {
+    "rprop": None,
+    "sm3": None,
+    "optimistic_adam": "optimistic_adam_v2",
+    "polyak_sgd": None,
+}
+# Optimizers whose peak learning rate argument has another name: polyak_sgd estimates its step
+# size from the loss (``value=``) and ``optimizer.learning_rate`` caps it.
+_LR_ARG = {"polyak_sgd": "max_learning_rate"}
 # Optimizers with a ``warmup_steps`` argument of their own, which needs a fixed learning rate.
 _OWN_WARMUP = ("schedule_free_adamw", "schedule_free_sgd")
 # Kwargs of optax.contrib.muon that configure its AdamW half; we route them to our AdamW part.
@@ -105,8 +131,29 @@ _KWARG_ALIASES = {"muon": {"momentum": "beta"}, "noisy_sgd": {"seed": "key"}}
 _KWARG_DEFAULTS = {"noisy_sgd": {"key": 0}}
 # Optimizers that estimate their own step size (the learning rate only scales it) and decay the
 # weights inside it, to every parameter: decay outside them, as for a mask, would be at the
-# learning rate's scale, far too strong.
+# learning rate's scale, far too strong. (dog, dowg and cocob estimate theirs too; they take a
+# mask, so ``weight_decay`` goes to their own argument, masked.)
 _OWN_STEP_SIZE = ("dadapt_adamw", "mechanize", "momo", "momo_adam", "prodigy")
+# Optimizers whose own weight-decay argument is not AdamW's ``lr * wd * param``: how optax
+# applies it. ``optimizer.weight_decay`` is AdamW's decay for them too (added after the optimizer,
+# masked); their own argument, with optax's meaning, is ``optimizer.kwargs.<that name>``.
+_OTHER_SCALE_DECAY = {
+    "adafactor": ("weight_decay_rate", "is not multiplied by the learning rate"),
+    "adadelta": ("weight_decay", "is added to the gradient before adadelta rescales it"),
+    "lamb": ("weight_decay", "is scaled by the trust ratio"),
+    "lars": ("weight_decay", "is scaled by the trust ratio, then accumulated by momentum"),
+    "novograd": (
+        "weight_decay",
+        "is added to the normalised gradient, then accumulated by momentum",
+    ),
+    "madgrad": ("weight_decay", "is L2 added to the gradient"),
+}
+# Optimizers that compute their update from state anchored at earlier parameters (madgrad's dual
+# averaging from the initial ones): decay added after them is pulled back, so they take none.
+_NO_DECOUPLED_DECAY = ("madgrad",)
+# Optimizers whose own weight decay is AdamW's but takes no mask: with a mask they are built as
+# optax builds them, with the decay masked.
+_SCHEDULE_FREE = ("schedule_free_adamw", "schedule_free_sgd")
 # Wrappers whose inner transformation scales gradients and must not apply a learning rate.
 _SCALING_ONLY_ARGS = {"galore": "base_optimizer"}
 _MAX_CONSECUTIVE_NONFINITE = 2**31 - 1  # skip forever; the count is what gets reported
@@ -132,6 +179,7 @@ def _discover_optimizers() -> dict[str, Callable[..., optax.GradientTransformati
             if "learning_rate" in params or any(a in params for a in _SUB_OPTIMIZER_ARGS):
                 found.setdefault(name, fn)
     found["muon"] = optax.contrib.muon
+    found["polyak_sgd"] = optax.polyak_sgd  # its peak learning rate is max_learning_rate
     return found
 
 
@@ -170,7 +218,13 @@ class EmaParamsState(NamedTuple):
 
 
 def ema_params(decay: float) -> optax.GradientTransformation:
-    """Keeps ``ema = decay * ema + (1 - decay) * new_params`` (starting at the initial params).
+    """Keeps ``ema = decay * ema + (1 - decay) * new_params``, starting at the initial params.
+
+    This is ``optax.ema(decay, debias=False)`` applied to the parameters after each step, with
+    the average started at the initial parameters, not at zero: no bias correction is needed or
+    applied (optax's default ``ema(decay)`` starts at zero and divides by ``1 - decay**t``).
+    Early in training the EMA therefore leans towards the initial parameters: after ``t`` steps
+    they still weigh ``decay**t``.
 
     Place it last in a chain: it sees the final updates and leaves them unchanged.
     """
@@ -253,8 +307,11 @@ def _number(cfg: Mapping[str, Any], key: str, where: str, *, positive: bool, all
     value = cfg.get(key)
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(
+            f"{where}.{key} must be a number (an int or float), got {value!r} "
+            f"(a {type(value).__name__})"
+        )
     if positive and value <= 0:
         raise ConfigError(f"{where}.{key} must be > 0, got {value!r}")
     if value < 0:
@@ -269,7 +326,7 @@ def _patterns(value: Any, where: str) -> masks.Patterns:
     if callable(value) or masks.is_mask_tree(value):
         return value
     if isinstance(value, str):
-        value = [value]
+        value = _sequence_literal(value)
     if isinstance(value, Mapping) or not isinstance(value, list | tuple):
         raise ConfigError(
             f"{where} must be a regex, a list of regexes, a predicate (path, leaf) -> bool, "
@@ -278,6 +335,22 @@ def _patterns(value: Any, where: str) -> masks.Patterns:
     value = list(value)
     masks.compile_patterns(value, where)
     return value
+
+
+def _sequence_literal(text: str) -> list[Any]:
+    """``"('kernel$', 'bias')"`` -> ``['kernel$', 'bias']``: a tuple or list written as a string,
+    as ``--config.optimizer.weight_decay_mask="('kernel$',)"`` arrives when the config file's
+    value is a string (ml_collections parses an override by the type of the value it replaces).
+    Any other string is one regex."""
+    stripped = text.strip()
+    if stripped and stripped[0] in "([" and stripped[-1] in ")]":
+        try:
+            value = ast.literal_eval(stripped)
+        except (SyntaxError, ValueError):
+            return [text]
+        if isinstance(value, list | tuple):
+            return list(value)
+    return [text]
 
 
 def _given(selection: masks.Patterns) -> bool:
@@ -333,9 +406,39 @@ def _check_sub(cfg: dict[str, Any], where: str, parent: dict[str, Any] | None) -
             f"{where}.weight_decay_mask: {name!r} decays every parameter itself, inside the step "
             f"size it estimates, and takes no mask; set {where}.weight_decay_mask='all'"
         )
+    _check_decay_fits(cfg, where)
     _check_kwargs(cfg, where)
     _check_schedule_fits(cfg, where)
     return cfg
+
+
+def _check_decay_fits(cfg: dict[str, Any], where: str) -> None:
+    """Refuses ``weight_decay`` where AdamW's decoupled decay cannot be added (it would be undone
+    or have another scale), saying what to write instead."""
+    name, wd = cfg["name"], cfg["weight_decay"]
+    if not wd:
+        return
+    if name in _NO_DECOUPLED_DECAY:
+        arg, how = _OTHER_SCALE_DECAY[name]
+        raise ConfigError(
+            f"{where}.weight_decay: {name!r} steps from its initial parameters (dual averaging), "
+            f"so AdamW-style decay added after it would be undone; its own {arg} {how}: set "
+            f"{where}.kwargs.{arg}={wd!r} with {where}.weight_decay_mask='all' for that, or "
+            f"leave {where}.weight_decay unset"
+        )
+    if name == "polyak_sgd":
+        raise ConfigError(
+            f"{where}.weight_decay: 'polyak_sgd' chooses its own step size from the loss "
+            f"({where}.learning_rate only caps it) and has no weight decay of its own, so decay "
+            f"at the cap would not follow its steps; leave {where}.weight_decay unset"
+        )
+    params = inspect.signature(OPTIMIZERS[name]).parameters
+    wrapped = [k for k in _SUB_OPTIMIZER_ARGS if k in params and k != "adv_optimizer"]
+    if wrapped and "weight_decay" not in params:
+        raise ConfigError(
+            f"{where}.weight_decay: {name!r} wraps another optimizer, whose steps it rearranges; "
+            f"give the decay to that one: {where}.kwargs.{wrapped[0]}.weight_decay={wd!r}"
+        )
 
 
 def _constant_schedule(cfg: Mapping[str, Any]) -> bool:
@@ -382,15 +485,26 @@ def _check_kwargs(cfg: dict[str, Any], where: str) -> None:
     valid = set(params) - {"learning_rate"}
     if name == "muon":
         valid |= {"adam_learning_rate"}
+    own_decay = _OTHER_SCALE_DECAY.get(name, ("",))[0]
     for key in kwargs:
-        if key in ("learning_rate", "lr"):
+        if key in ("learning_rate", "lr", _LR_ARG.get(name)):
             raise ConfigError(f"{where}.kwargs.{key}: set {where}.learning_rate instead")
+        if key == own_decay:
+            _check_own_decay(
+                cfg, where, key, mask_arg="mask" in params or "weight_decay_mask" in params
+            )
+            continue
         if key in ("weight_decay", "weight_decay_rate"):
-            raise ConfigError(f"{where}.kwargs.{key}: set {where}.weight_decay instead")
+            raise ConfigError(
+                f"{where}.kwargs.{key}: set {where}.weight_decay instead (decoupled, AdamW-style "
+                "decay: lr * weight_decay * param)"
+            )
         if key in ("mask", "weight_decay_mask") and key in params:
             raise ConfigError(f"{where}.kwargs.{key}: set {where}.weight_decay_mask instead")
         if key not in valid:
             raise unknown(f"argument of optax {name}()", f"{where}.kwargs.{key}", key, valid)
+        if key in params:
+            _check_kwarg_type(kwargs[key], params[key].default, f"{where}.kwargs.{key}", name)
     for key in _SUB_OPTIMIZER_ARGS:
         if isinstance(kwargs.get(key), Mapping) or hasattr(kwargs.get(key), "to_dict"):
             if _SCALING_ONLY_ARGS.get(name) == key:
@@ -420,6 +534,49 @@ def _check_kwargs(cfg: dict[str, Any], where: str) -> None:
         )
 
 
+def _check_own_decay(cfg: dict[str, Any], where: str, key: str, *, mask_arg: bool) -> None:
+    """``kwargs.<own weight decay>`` of an optimizer whose own decay is not AdamW's: optax's
+    meaning, given alone, masked by ``weight_decay_mask`` where optax takes a mask."""
+    name, value = cfg["name"], cfg["kwargs"][key]
+    how = _OTHER_SCALE_DECAY[name][1]
+    _number(cfg["kwargs"], key, f"{where}.kwargs", positive=False, allow_none=True)
+    if not value:
+        return
+    if cfg["weight_decay"]:
+        raise ConfigError(
+            f"{where}.kwargs.{key} and {where}.weight_decay are two kinds of decay: give one, "
+            f"{where}.weight_decay (AdamW's lr * weight_decay * param, added after {name}) or "
+            f"{where}.kwargs.{key} (optax's own, which {how})"
+        )
+    if not mask_arg and not masks.is_named(cfg["weight_decay_mask"], "all"):
+        raise ConfigError(
+            f"{where}.kwargs.{key}: optax's {name} decays every parameter (it takes no mask); "
+            f"set {where}.weight_decay_mask='all', or use {where}.weight_decay (AdamW-style, "
+            "masked)"
+        )
+
+
+def _check_kwarg_type(value: Any, default: Any, key: str, name: str) -> None:
+    """A kwarg whose optax default is a number (or a bool) must be one: a string or list there
+    would fail deep inside JAX when the step is traced."""
+    if default is inspect.Parameter.empty or default is None:
+        return  # an argument without a typed default
+    if callable(value) or hasattr(value, "dtype"):
+        return  # a schedule or an array
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"{key} must be True or False (a bool, as optax {name}()'s default "
+                f"{default!r}), got {value!r} (a {type(value).__name__})"
+            )
+    elif isinstance(default, numbers.Real):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(
+                f"{key} must be a number (as optax {name}()'s default {default!r}), "
+                f"got {value!r} (a {type(value).__name__})"
+            )
+
+
 def check_config(optimizer_config: Any) -> dict[str, Any]:
     """Validates an optimizer config and returns it as a plain dict with defaults filled in.
 
@@ -439,7 +596,11 @@ def check_config(optimizer_config: Any) -> dict[str, Any]:
     if ema is not None and (
         isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 < ema < 1
     ):
-        raise ConfigError(f"{where}.ema_decay must be None or in (0, 1), got {ema!r}")
+        raise ConfigError(
+            f"{where}.ema_decay must be None or in (0, 1), got {ema!r}: the EMA of the "
+            "parameters, ema = ema_decay * ema + (1 - ema_decay) * params after each step, "
+            "started at the initial parameters without bias correction"
+        )
     cfg["ema_decay"] = None if ema is None else float(ema)
     skip = cfg.get("skip_nonfinite", False)
     if not isinstance(skip, bool):
@@ -526,29 +687,66 @@ def build_optimizer(
             # sam's adversarial perturbation.
             mult = 1.0 if key == "adv_optimizer" else lr_mult
             call[key] = build_optimizer(call[key], total_steps=total_steps, lr_mult=mult)
+    lr_arg = _LR_ARG.get(name, "learning_rate")
     if name in _FIXED_LR:
-        call["learning_rate"] = cfg["learning_rate"] * lr_mult
-    elif "learning_rate" in params:
-        call["learning_rate"] = schedule
+        call[lr_arg] = cfg["learning_rate"] * lr_mult
+    elif lr_arg in params:
+        call[lr_arg] = schedule
     wd, mask = cfg["weight_decay"], cfg["weight_decay_mask"]
     wd_arg = next((a for a in ("weight_decay", "weight_decay_rate") if a in params), None)
     mask_arg = next((a for a in ("mask", "weight_decay_mask") if a in params), None)
-    external_decay = None
-    if wd is not None:
-        if wd_arg and (mask_arg or masks.is_named(mask, "all")):
-            call[wd_arg] = wd
-            if mask_arg and not masks.is_named(mask, "all"):
-                call[mask_arg] = _mask_fn(mask)
-        else:
-            if wd_arg:
-                call[wd_arg] = 0.0
-            external_decay = decoupled_weight_decay(wd, schedule)
-            if not masks.is_named(mask, "all"):
-                external_decay = optax.masked(external_decay, _mask_fn(mask))
-    tx = fn(**call)
-    if external_decay is not None and wd:
-        tx = optax.chain(tx, external_decay)
-    return tx
+    everything = masks.is_named(mask, "all")
+    if name in _OTHER_SCALE_DECAY:
+        # optimizer.weight_decay is AdamW's, added after; kwargs.<own> is optax's, masked.
+        if call.get(wd_arg) and mask_arg and not everything:
+            call[mask_arg] = _mask_fn(mask)
+        tx = fn(**call)
+        return _with_decoupled_decay(tx, wd, mask, schedule)
+    if wd is not None and wd_arg and (mask_arg or everything):
+        call[wd_arg] = wd  # AdamW's decay: added just before the learning rate scales the step
+        if mask_arg and not everything:
+            call[mask_arg] = _mask_fn(mask)
+        return fn(**call)
+    if wd and name in _SCHEDULE_FREE:
+        return _schedule_free_masked(name, call, wd, _mask_fn(mask))
+    if wd is not None and wd_arg:
+        call[wd_arg] = 0.0
+    return _with_decoupled_decay(fn(**call), wd, mask, schedule)
+
+
+def _with_decoupled_decay(
+    tx: optax.GradientTransformation, wd: float | None, mask: Any, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """``tx`` followed by AdamW's ``-lr * wd * param`` on the parameters ``mask`` selects."""
+    if not wd:
+        return tx
+    decay = decoupled_weight_decay(wd, schedule)
+    if not masks.is_named(mask, "all"):
+        decay = optax.masked(decay, _mask_fn(mask))
+    return optax.chain(tx, decay)
+
+
+def _schedule_free_masked(
+    name: str, call: dict[str, Any], wd: float, mask_fn: Callable[[PyTree], PyTree]
+) -> optax.GradientTransformation:
+    """``optax.contrib.schedule_free_adamw``/``_sgd`` as optax builds them, with their own
+    (AdamW-style) weight decay masked: optax's take no mask."""
+    call = dict(call)
+    defaults = {k: p.default for k, p in inspect.signature(OPTIMIZERS[name]).parameters.items()}
+    lr = call.pop("learning_rate", defaults["learning_rate"])
+    call.pop("warmup_steps", None)  # turned into the schedule (see _check_schedule_fits)
+    decay = optax.add_decayed_weights(wd, mask_fn)
+    if name == "schedule_free_adamw":
+        rms = optax.scale_by_rms(
+            decay=call.pop("b2", defaults["b2"]),
+            eps=call.pop("eps", defaults["eps"]),
+            eps_in_sqrt=False,
+            bias_correction=True,
+        )
+        inner = optax.chain(rms, decay, optax.scale_by_learning_rate(lr))
+    else:
+        inner = optax.chain(decay, optax.sgd(lr))
+    return optax.contrib.schedule_free(inner, learning_rate=lr, **call)
 
 
 def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformation:
@@ -560,6 +758,9 @@ def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformatio
         adam_cfg = dict(cfg, learning_rate=kwargs.pop("adam_learning_rate"))
         adam_schedule = _scaled(schedules.create(adam_cfg, total_steps=total_steps), lr_mult)
     wd, mask = cfg["weight_decay"], cfg["weight_decay_mask"]
+    # kwargs.adam_weight_decay decays every parameter of the AdamW half, as in optax; the
+    # weight_decay_mask goes with optimizer.weight_decay, which both halves take.
+    adam_wd_given = "weight_decay" in adam_kwargs
     if wd is not None:
         kwargs["weight_decay"] = wd
         if not masks.is_named(mask, "all"):
@@ -572,7 +773,7 @@ def _muon(cfg, schedule, *, total_steps, lr_mult) -> optax.GradientTransformatio
         adam_kwargs.setdefault(theirs, defaults[ours])
     for shared in ("eps", "mu_dtype", "nesterov"):
         adam_kwargs[shared] = kwargs.get(shared, defaults[shared])
-    if adam_kwargs["weight_decay"] and not masks.is_named(mask, "all"):
+    if adam_kwargs["weight_decay"] and not adam_wd_given and not masks.is_named(mask, "all"):
         adam_kwargs["mask"] = _mask_fn(mask)
     muon = optax.contrib.muon(learning_rate=schedule, **kwargs)
     adamw = optax.adamw(learning_rate=adam_schedule, **adam_kwargs)
@@ -894,6 +1095,9 @@ def _describe(
     name = cfg["name"]
     if name == "muon":
         name = "muon" if masks.is_2d_non_embedding(leaf_path, leaf) else "adamw"
+        adam_wd = cfg["kwargs"].get("adam_weight_decay")
+        if name == "adamw" and adam_wd is not None:  # every parameter of the AdamW half
+            return name, f"{adam_wd:g}"
     wd = cfg["weight_decay"]
     if wd is None:
         return name, "default"

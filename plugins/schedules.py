@@ -377,17 +377,21 @@ def _warmup_cosine(r: _Reader, peak: float) -> optax.Schedule:
     warmup = r.warmup()
     # As optax's decay_steps: the warmup included; end_value from there on.
     decay = r.length("decay_steps", r.total)
-    if decay < max(warmup, 1):
+    # decay == warmup == total warms up over the whole run (the drop to end_value would come
+    # after the last step); decay == warmup before that drops without reaching the peak.
+    if decay < 1 or (warmup and (decay < warmup or decay == warmup < r.total)):
         raise ConfigError(
             f"{r.key('decay_steps')} ({decay}) is the length of warmup and decay together (as "
-            f"in optax): it must be at least the {warmup} warmup steps and 1"
+            f"in optax): it must be more than {r.key('warmup_steps')} ({warmup}), or the warmup "
+            "would end at end_value without reaching the peak (optax refuses it too; for a "
+            "warmup alone, name='linear_warmup')"
         )
     end_value = r.number("end_value", 0.0, low=0.0)
     init_value = r.number("init_value", 0.0, low=0.0)
     exponent = r.number("exponent", 1.0, low=0.0, low_open=True)
     if warmup == 0:
         return _cosine(peak, decay, end_value, exponent)
-    if warmup == decay:
+    if warmup == decay:  # == total: all of training is warmup (optax would refuse the decay)
         return _join(
             [(warmup, _warmup(init_value, peak, warmup)), (0, optax.constant_schedule(end_value))]
         )

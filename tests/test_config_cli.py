@@ -101,3 +101,34 @@ def test_a_workdir_that_cannot_be_written_is_a_problem(tmp_path, monkeypatch):
         f"{locked / 'run'} cannot be created: {locked} is not writable"
     )
     assert config_cli.workdir_problem(str(tmp_path / "other")) is None
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (
+            "    config = ml_collections.ConfigDict(dict(num_train_steps=10))\n"
+            "    config.num_train_steps = 'ten'\n"
+            "    return config\n",
+            "num_train_steps (line 5): given 'ten' (a str), expected an int",
+        ),
+        (
+            "    config = ml_collections.ConfigDict(dict(optimizer=dict(weight_decay=0.1)))\n"
+            "    config.optimizer.weight_decay = [0.1]\n"
+            "    return config\n",
+            "optimizer.weight_decay (line 5): given [0.1] (a list), expected a float",
+        ),
+        (
+            "    raise ValueError('no such size: xl')\n",
+            "ValueError: no such size: xl (line 4)",
+        ),
+    ],
+)
+def test_an_error_inside_the_config_file_is_one_line(tmp_path, body, why):
+    """ml_collections reports a TypeError/ValueError raised in get_config() as a flag error
+    holding the whole traceback; the line names the key, the type given and the type expected
+    (or the exception), and the config file's line."""
+    path = tmp_path / "cfg.py"
+    path.write_text("import ml_collections\n\ndef get_config():\n" + body)
+    line = _parse(["prog", f"--config={path}"])
+    assert line == f"config error: cannot load --config={path}: {why}"

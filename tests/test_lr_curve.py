@@ -151,3 +151,80 @@ def test_optimizer_steps():
         lr_curve.optimizer_steps(dict(num_train_steps=0, optimizer=dict()))
     with pytest.raises(ConfigError, match="optimizer"):
         lr_curve.optimizer_steps(dict(num_train_steps=10))
+
+
+def _project_with_configs_package(root: Path) -> Path:
+    """A project as the template generates it: configs/ a package whose quick.py imports
+    ``configs.default``, as main.py (in the project root) loads it."""
+    configs = root / "project" / "configs"
+    configs.mkdir(parents=True)
+    (configs / "__init__.py").write_text("")
+    (configs / "default.py").write_text(CONFIG)
+    (configs / "quick.py").write_text(
+        textwrap.dedent(
+            """
+            from configs import default
+
+            def get_config():
+                config = default.get_config()
+                config.num_train_steps = 20
+                config.optimizer.schedule.warmup_steps = 5
+                return config
+            """
+        )
+    )
+    return root / "project"
+
+
+def test_a_config_that_imports_its_configs_package_loads_as_under_main_py(tmp_path):
+    project = _project_with_configs_package(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # From another folder (python -m puts only the cwd on sys.path): the config's folder's
+    # parent is what lets `from configs import default` work.
+    result = run_command(
+        "--config=../project/configs/quick.py",
+        "--out=",
+        "--config.optimizer.learning_rate=1e-3",
+        cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "peak 0.001 at step 5" in result.stdout
+    # The installed command (no cwd on sys.path at all), from the project root.
+    script = Path(sys.executable).with_name("plugins-lr-curve")
+    if script.exists():
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        result = subprocess.run(
+            [str(script), "--config=configs/quick.py", "--out="],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "peak 0.002 at step 5" in result.stdout
+
+
+def test_a_wrong_type_in_the_config_file_is_one_line_naming_key_and_types(tmp_path, capsys):
+    path = tmp_path / "typed.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import ml_collections
+
+            def get_config():
+                config = ml_collections.ConfigDict()
+                config.num_train_steps = 400
+                config.optimizer = ml_collections.ConfigDict(dict(name='adamw', learning_rate=1e-3))
+                config.optimizer.learning_rate = 'fast'
+                return config
+            """
+        )
+    )
+    assert lr_curve.main([f"--config={path}", "--out="]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"plugins-lr-curve: config error: cannot load --config={path}: "
+        "optimizer.learning_rate (line 8): given 'fast' (a str), expected a float"
+    )

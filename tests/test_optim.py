@@ -937,3 +937,374 @@ def test_a_decay_mask_that_selects_nothing_is_an_error():
     fixed = lambda path, _: "kernel" in path  # a plugins path: tuple of keys and '/'-joined string
     state = optim.create(dict(cfg, weight_decay_mask=fixed), total_steps=10).init(params)
     assert state is not None
+
+
+# ----------------------------------------------------------------------------- weight decay
+#
+# ``weight_decay`` is AdamW's decoupled decay, -lr(step) * wd * param, for every optimizer that
+# takes it as such; each optimizer with a weight-decay argument of its own is in exactly one of
+# these groups (checked below, so a new optax optimizer cannot slip through unclassified).
+
+WD = 0.1
+# Own argument is AdamW's (added right before the learning rate scales the step), or optax's
+# argument has another scale and plugins adds AdamW's decay after the optimizer instead.
+ADAMW_DECAY = (
+    "acprop",
+    "adamaxw",
+    "adamw",
+    "adan",
+    "ademamix",
+    "galore",
+    "lion",
+    "nadamw",
+    "simplified_ademamix",
+    "sophia",
+)
+OTHER_SCALE = ("adadelta", "adafactor", "lamb", "lars", "novograd")
+# Estimate their own step size; decay inside it, at the step size they use.
+OWN_STEP_SIZE = (
+    "cocob",
+    "dadapt_adamw",
+    "dog",
+    "dowg",
+    "mechanize",
+    "momo",
+    "momo_adam",
+    "prodigy",
+)
+# Own tests below.
+OTHERS = ("madgrad", "muon", "schedule_free_adamw", "schedule_free_sgd")
+_WD_KWARGS = {"galore": dict(rank=2)}
+
+
+def _extra_for(name, params):
+    args = optim.extra_update_args(dict(name=name, learning_rate=LR, kwargs=_WD_KWARGS.get(name)))
+    extra = {}
+    if "obj_fn" in args:
+        extra["obj_fn"] = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+    if "value" in args:
+        extra["value"] = jnp.asarray(1.0)
+    return extra
+
+
+def test_every_optimizer_with_a_weight_decay_argument_is_classified():
+    import inspect
+
+    with_decay = {
+        name
+        for name, fn in optim.OPTIMIZERS.items()
+        if {"weight_decay", "weight_decay_rate"} & set(inspect.signature(fn).parameters)
+    }
+    classified = set(ADAMW_DECAY + OTHER_SCALE + OWN_STEP_SIZE + OTHERS)
+    assert with_decay == classified
+
+
+def _zero_grad_run(tx, params, steps=4, **extra):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    state = tx.init(params)
+    for _ in range(steps):
+        updates, state = tx.update(zeros, state, params, **extra)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize("name", ADAMW_DECAY + OTHER_SCALE)
+def test_weight_decay_is_adamws_for_every_optimizer(name):
+    """With zero gradients the only change is the decay: after 4 steps of a warmup-cosine
+    schedule each optimizer has decayed the matrices exactly as optax.adamw does, and left the
+    biases (outside the default 'matrices' mask) alone. Before, adafactor's weight_decay_rate
+    took ``weight_decay`` unscaled by the learning rate (about 1/lr times AdamW's decay)."""
+    params = _init_params()
+    schedule = dict(name="warmup_cosine", warmup_steps=2, end_value=1e-4)
+    cfg = dict(
+        name=name, learning_rate=LR, schedule=schedule, weight_decay=WD, kwargs=_WD_KWARGS.get(name)
+    )
+    got = _zero_grad_run(
+        optim.create(cfg, total_steps=TOTAL_STEPS), params, **_extra_for(name, params)
+    )
+    lr = optax.warmup_cosine_decay_schedule(0.0, LR, 2, TOTAL_STEPS, 1e-4)
+    adamw = optax.adamw(lr, weight_decay=WD, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    expected = _zero_grad_run(adamw, params)
+    assert_trees_close(got, expected, rtol=1e-6, atol=1e-7)
+    decayed = params["head"]["kernel"] - got["head"]["kernel"]
+    assert float(jnp.abs(decayed).max()) > 1e-5  # the decay did happen
+
+
+def _decay_term(wd, lr, mask=None):
+    """AdamW's decay on its own: -lr(step) * wd * param, as optax composes it in adamw."""
+    return optax.chain(
+        optax.set_to_zero(), optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(lr)
+    )
+
+
+def _sum_of(a, b):
+    """Updates of ``a`` plus updates of ``b`` (both given the same gradients and params)."""
+
+    def update(g, s, p=None):
+        ua, sa = a.update(g, s[0], p)
+        ub, sb = b.update(g, s[1], p)
+        return jax.tree.map(jnp.add, ua, ub), (sa, sb)
+
+    return optax.GradientTransformation(lambda p: (a.init(p), b.init(p)), update)
+
+
+@pytest.mark.parametrize("name", OTHER_SCALE)
+def test_other_scale_optimizers_get_adamws_decay_added_after_them(name):
+    """With real gradients: optax's optimizer without its own decay, plus AdamW's decay term
+    (add_decayed_weights then scale_by_learning_rate, as optax.adamw composes them)."""
+    params, batches = _init_params(), _batches()
+    cfg = dict(name=name, learning_rate=LR, weight_decay=WD, weight_decay_mask="all")
+    got, _ = run_dict(optim.create(cfg, total_steps=TOTAL_STEPS), params, batches)
+    reference = _sum_of(getattr(optax, name)(LR), _decay_term(WD, LR))
+    expected, _ = run_dict(reference, params, batches)
+    assert_trees_close(got[-1], expected[-1])
+    # ... which is not what optax's own argument does.
+    own = optim._OTHER_SCALE_DECAY[name][0]
+    optax_own, _ = run_dict(getattr(optax, name)(LR, **{own: WD}), params, batches)
+    gap = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), optax_own[-1], expected[-1])
+    assert max(jax.tree.leaves(gap)) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "name, mask",
+    [
+        ("adafactor", "matrices"),
+        ("lamb", "matrices"),
+        ("lars", "all"),
+        ("novograd", "all"),
+        ("adadelta", "all"),
+        ("madgrad", "all"),
+    ],
+)
+def test_an_optimizers_own_decay_with_optaxs_meaning_is_its_kwarg(name, mask):
+    params, batches = _init_params(), _batches()
+    own = optim._OTHER_SCALE_DECAY[name][0]
+    cfg = dict(name=name, learning_rate=LR, kwargs={own: WD}, weight_decay_mask=mask)
+    got, _ = run_dict(optim.create(cfg, total_steps=TOTAL_STEPS), params, batches)
+    call = {own: WD}
+    if mask == "matrices":
+        arg = "weight_decay_mask" if name == "adafactor" else "mask"
+        call[arg] = jax.tree.map(lambda x: x.ndim >= 2, params)
+    fn = getattr(optax, name, None) or getattr(optax.contrib, name)
+    expected, _ = run_dict(fn(LR, **call), params, batches)
+    assert_trees_close(got[-1], expected[-1])
+
+
+@pytest.mark.parametrize(
+    "config, pattern",
+    [
+        (
+            dict(name="madgrad", weight_decay=WD),
+            r"optimizer\.weight_decay: 'madgrad' steps from its initial parameters.*set "
+            r"optimizer\.kwargs\.weight_decay=0\.1 with optimizer\.weight_decay_mask='all'",
+        ),
+        (
+            dict(name="novograd", kwargs=dict(weight_decay=WD)),
+            r"optax's novograd decays every parameter \(it takes no mask\); set "
+            r"optimizer\.weight_decay_mask='all'",
+        ),
+        (
+            dict(name="lamb", weight_decay=WD, kwargs=dict(weight_decay=WD)),
+            r"two kinds of decay: give one.*is scaled by the trust ratio",
+        ),
+        (
+            dict(name="adamw", kwargs=dict(weight_decay=WD)),
+            r"optimizer\.kwargs\.weight_decay: set optimizer\.weight_decay instead \(decoupled",
+        ),
+        (
+            dict(name="polyak_sgd", weight_decay=WD),
+            r"'polyak_sgd' chooses its own step size.*leave optimizer\.weight_decay unset",
+        ),
+        (
+            dict(
+                name="schedule_free", weight_decay=WD, kwargs=dict(base_optimizer=dict(name="adam"))
+            ),
+            r"give the decay to that one: optimizer\.kwargs\.base_optimizer\.weight_decay=0\.1",
+        ),
+        (
+            dict(name="adamw", kwargs=dict(b1="0.9")),
+            r"optimizer\.kwargs\.b1 must be a number \(as optax adamw\(\)'s default 0\.9\), "
+            r"got '0\.9' \(a str\)",
+        ),
+        (
+            dict(name="sgd", kwargs=dict(nesterov="yes")),
+            r"optimizer\.kwargs\.nesterov must be True or False.*got 'yes' \(a str\)",
+        ),
+        (
+            dict(name="adamw", learning_rate="fast"),
+            r"optimizer\.learning_rate must be a number \(an int or float\), got 'fast' \(a str\)",
+        ),
+        (
+            dict(name="adamw", ema_decay=1.5),
+            r"ema_decay must be None or in \(0, 1\), got 1\.5: .*started at the initial parameters "
+            r"without bias correction",
+        ),
+    ],
+)
+def test_weight_decay_and_kwarg_mistakes_are_one_clear_line(config, pattern):
+    config = dict(dict(learning_rate=LR), **config)
+    with pytest.raises(ConfigError, match=pattern) as info:
+        optim.create(config, total_steps=TOTAL_STEPS)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, mask",
+    [
+        ("prodigy", "all"),
+        ("dadapt_adamw", "all"),
+        ("dog", "matrices"),
+        ("dowg", "matrices"),
+        ("cocob", "matrices"),
+    ],
+)
+def test_own_step_size_optimizers_decay_with_their_own_argument(name, mask):
+    params, batches = _init_params(), _batches()
+    cfg = dict(name=name, learning_rate=1.0, weight_decay=0.01, weight_decay_mask=mask)
+    got, _ = run_dict(optim.create(cfg, total_steps=TOTAL_STEPS), params, batches)
+    call = dict(weight_decay=0.01)
+    if mask == "matrices":
+        call["mask"] = jax.tree.map(lambda x: x.ndim >= 2, params)
+    expected, _ = run_dict(getattr(optax.contrib, name)(1.0, **call), params, batches)
+    assert_trees_close(got[-1], expected[-1])
+
+
+def _fixed_grads_run(tx, params, steps=STEPS, seed=0):
+    """``steps`` updates with gradients that do not depend on the params (so every leaf steps
+    on its own); returns the final params."""
+    rng = np.random.default_rng(seed)
+    state = tx.init(params)
+    for _ in range(steps):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize("name", ["schedule_free_adamw", "schedule_free_sgd"])
+def test_schedule_free_decays_with_its_own_argument_masked(name):
+    """optax's schedule-free optimizers decay inside the step (at y, feeding z) and take no mask.
+    With weight_decay_mask='all' plugins is optax's own; with the default mask, under gradients
+    that do not depend on the params (every leaf steps on its own), the matrices follow optax's
+    with the decay and the biases optax's without. Before, the decay was set to 0 and added
+    after the optimizer, where schedule-free's z undoes part of it."""
+    fn = getattr(optax.contrib, name)
+    params = _init_params()
+    lr = 0.1 if name == "schedule_free_sgd" else LR
+    base = dict(name=name, learning_rate=lr, weight_decay=WD)
+    with_decay = _fixed_grads_run(fn(lr, weight_decay=WD), params)
+    without = _fixed_grads_run(fn(lr, weight_decay=0.0), params)
+    everything = optim.create(dict(base, weight_decay_mask="all"), total_steps=TOTAL_STEPS)
+    assert_trees_close(_fixed_grads_run(everything, params), with_decay)
+    got = _fixed_grads_run(optim.create(base, total_steps=TOTAL_STEPS), params)
+    for layer in ("backbone", "head"):
+        assert_trees_close(got[layer]["kernel"], with_decay[layer]["kernel"])
+        assert_trees_close(got[layer]["bias"], without[layer]["bias"])
+    gap = float(jnp.abs(with_decay["head"]["bias"] - without["head"]["bias"]).max())
+    assert gap > 1e-5  # the mask made a difference
+
+
+def test_muon_adam_weight_decay_decays_the_adamw_half_as_optax_does():
+    """optax.contrib.muon(adam_weight_decay=...) decays every parameter of its AdamW half
+    (here the biases); the default weight_decay_mask ('matrices') used to mask them all out."""
+    params, batches = _init_params(), _batches()
+    cfg = dict(name="muon", learning_rate=LR, kwargs=dict(adam_weight_decay=WD))
+    got, _ = run_dict(optim.create(cfg, total_steps=TOTAL_STEPS), params, batches)
+    expected, _ = run_dict(optax.contrib.muon(LR, adam_weight_decay=WD), params, batches)
+    assert_trees_close(got[-1], expected[-1])
+    plain, _ = run_dict(optax.contrib.muon(LR), params, batches)
+    gap = float(jnp.abs(plain[-1]["head"]["bias"] - expected[-1]["head"]["bias"]).max())
+    assert gap > 1e-6
+    # The parameter table says so: path, shape, size, group, lr_mult, weight_decay, ...
+    rows = {
+        r.split()[0]: r.split()
+        for r in optim.summary(params, cfg, total_steps=10).splitlines()
+        if r.strip()
+    }
+    assert rows["head/bias"][-3:] == ["0.1", "no", "adamw"]
+    assert rows["head/kernel"][-3:] == ["default", "no", "muon"]
+    # weight_decay goes to both halves, masked: the biases (AdamW half) are not decayed here.
+    cfg = dict(name="muon", learning_rate=LR, weight_decay=WD)
+    got, _ = run_dict(optim.create(cfg, total_steps=TOTAL_STEPS), params, batches)
+    expected, _ = run_dict(optax.contrib.muon(LR, weight_decay=WD), params, batches)
+    assert_trees_close(got[-1], expected[-1])
+
+
+def test_polyak_sgd_is_an_optimizer_whose_learning_rate_is_its_max_learning_rate():
+    params, batches = _init_params(), _batches()
+    cfg = dict(name="polyak_sgd", learning_rate=0.5, kwargs=dict(f_min=0.1))
+    assert optim.extra_update_args(cfg) == {"value"}
+    tx = optim.create(cfg, total_steps=TOTAL_STEPS)
+    with pytest.raises(TypeError, match=r"'polyak_sgd' needs more than gradients.*value="):
+        tx.update(params, tx.init(params), params)
+    got, state = run_dict(tx, params, batches, value=True)
+    expected, _ = run_dict(
+        optax.polyak_sgd(max_learning_rate=0.5, f_min=0.1), params, batches, value=True
+    )
+    assert_trees_close(got[-1], expected[-1])
+    assert float(optim.learning_rate(state)) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match=r"'polyak_sgd' takes a fixed learning rate"):
+        optim.create(dict(cfg, schedule="cosine"), total_steps=TOTAL_STEPS)
+    with pytest.raises(
+        ConfigError, match=r"kwargs\.max_learning_rate: set optimizer\.learning_rate"
+    ):
+        optim.create(dict(cfg, kwargs=dict(max_learning_rate=1.0)), total_steps=TOTAL_STEPS)
+
+
+def test_ema_decay_is_optax_ema_without_bias_correction_started_at_the_params():
+    params, batches = _init_params(), _batches()
+    d = 0.9
+    tx = optim.create(dict(name="adamw", learning_rate=LR, ema_decay=d), total_steps=TOTAL_STEPS)
+    got, state = run_dict(tx, params, batches)
+    ema = optax.ema(d, debias=False)
+    ema_state = ema.init(params)._replace(ema=params)  # started at the params, not at zero
+    for p in got:
+        averaged, ema_state = ema.update(p, ema_state)
+    assert_trees_close(optim.eval_params(state, got[-1]), averaged)
+    # optax's default ema (from zero, debiased) is another average.
+    default = optax.ema(d)
+    default_state = default.init(params)
+    for p in got:
+        debiased, default_state = default.update(p, default_state)
+    gap = float(jnp.abs(debiased["head"]["kernel"] - averaged["head"]["kernel"]).max())
+    assert gap > 1e-6
+
+
+def test_a_sequence_given_as_a_string_on_the_command_line_is_a_sequence(tmp_path):
+    """The config file's weight_decay_mask is a string, so ml_collections keeps
+    --config.optimizer.weight_decay_mask="('kernel$',)" a string; plugins reads a tuple or list
+    literal as the sequence it spells (a regex such as '(kernel|bias)$' stays a regex)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = tmp_path / "cfg.py"
+    path.write_text(
+        "import ml_collections\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict(dict(optimizer=dict(name='adamw', "
+        "learning_rate=0.01, weight_decay=0.1, weight_decay_mask='matrices', freeze=())))\n"
+    )
+    for value, expected in [
+        ("('head/kernel$',)", ["head/kernel$"]),
+        ("['head/kernel$', 'bias']", ["head/kernel$", "bias"]),
+        ("(kernel|bias)$", ["(kernel|bias)$"]),
+    ]:
+        argv = ["prog", f"--config={path}", f"--config.optimizer.weight_decay_mask={value}"]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file(
+            "config", None, "", flag_values=fv, sys_argv=argv, lock_config=True
+        )
+        fv(argv)
+        assert fv.config.optimizer.weight_decay_mask == value  # a string, as ml_collections has it
+        assert optim.check_config(fv.config.optimizer)["weight_decay_mask"] == expected
+    params, batches = _init_params(), _batches()
+    argv = ["prog", f"--config={path}", "--config.optimizer.weight_decay_mask=('head/kernel$',)"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    got, _ = run_dict(optim.create(fv.config.optimizer, total_steps=TOTAL_STEPS), params, batches)
+    only_head = jax.tree_util.tree_map_with_path(
+        lambda kp, x: kp[0].key == "head" and kp[-1].key == "kernel", params
+    )
+    expected, _ = run_dict(optax.adamw(LR, weight_decay=0.1, mask=only_head), params, batches)
+    assert_trees_close(got[-1], expected[-1])

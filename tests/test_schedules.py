@@ -90,6 +90,28 @@ def test_warmup_cosine_decay_steps_as_optax_writes_them():
     assert "optimizer.schedule.decay_steps (50) is the length of warmup and decay" in msg
 
 
+@pytest.mark.parametrize(
+    "schedule, n",
+    [
+        (dict(warmup_steps=100, decay_steps=100), 100),
+        (dict(warmup_steps=0.5, decay_steps=0.5), TOTAL // 2),
+    ],
+)
+def test_warmup_cosine_with_decay_steps_equal_to_warmup_steps_is_refused_as_optax_does(schedule, n):
+    """The warmup would end at end_value without reaching the peak; optax refuses it too.
+    (Both equal to the whole run is a warmup over all of training: see the test below.)"""
+    with pytest.raises(ValueError):
+        optax.warmup_cosine_decay_schedule(0.0, PEAK, n, n, 1e-5)
+    msg = error(dict(name="warmup_cosine", end_value=1e-5, **schedule))
+    assert f"optimizer.schedule.decay_steps ({n})" in msg
+    assert f"more than optimizer.schedule.warmup_steps ({n})" in msg
+    # One step less of warmup reaches the peak and decays as optax's does.
+    check(
+        dict(name="warmup_cosine", warmup_steps=n - 1, decay_steps=n, end_value=1e-5),
+        optax.warmup_cosine_decay_schedule(0.0, PEAK, n - 1, n, 1e-5),
+    )
+
+
 def test_warmup_linear():
     reference = optax.join_schedules(
         [optax.linear_schedule(0.0, PEAK, 100), optax.linear_schedule(PEAK, 1e-5, TOTAL - 100)],
@@ -431,7 +453,61 @@ def test_a_key_of_another_schedule_says_so():
         "optimizer.schedule.warmup_steps is not an option of schedule 'cosine' "
         "(its options: alpha, decay_steps, end_value, exponent) but of 'linear_warmup',"
     ), msg
-    assert "switch optimizer.schedule in a config file" in msg
+    assert "or switch it in the config file" in msg
+
+
+_SCHEDULE_CONFIG = """
+import ml_collections
+
+def get_config():
+    return ml_collections.ConfigDict(dict(num_train_steps=1000, optimizer=dict(
+        name='adamw', learning_rate=1e-3,
+        schedule=dict(name='warmup_cosine', warmup_steps=100, end_value=1e-5))))
+"""
+
+
+def _parse_config(path, *overrides):
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["prog", f"--config={path}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=fv, sys_argv=argv, lock_config=True
+    )
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("constant", optax.constant_schedule(PEAK)),
+        ("cosine", optax.cosine_decay_schedule(PEAK, TOTAL, alpha=1e-5 / PEAK)),
+    ],
+)
+def test_switching_the_schedule_on_the_command_line_takes_the_command_the_error_gives(
+    tmp_path, name, reference
+):
+    """``--config.optimizer.schedule.name=X`` keeps the file's other keys and is refused with
+    one line giving the one command that switches: the whole dict, whose keys the new schedule
+    has (end_value for cosine) kept and the others left to their defaults."""
+    import re
+
+    path = tmp_path / "cfg.py"
+    path.write_text(_SCHEDULE_CONFIG)
+    config = _parse_config(path, f"--config.optimizer.schedule.name={name}")
+    with pytest.raises(ConfigError) as info:
+        schedules.create(config.optimizer, total_steps=TOTAL)
+    msg = str(info.value)
+    assert "\n" not in msg
+    found = re.search(r'(--config\.optimizer\.schedule)="(\{[^"]*\})"', msg)
+    assert found, msg
+    flag, value = found.groups()
+    config = _parse_config(path, f"{flag}={value}")
+    assert config.optimizer.schedule.name == name
+    got = values(schedules.create(config.optimizer, total_steps=TOTAL))
+    np.testing.assert_allclose(got, values(reference), rtol=1e-6, atol=1e-12)
 
 
 def test_missing_name_and_required_keys():
