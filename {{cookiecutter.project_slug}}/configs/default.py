@@ -22,8 +22,8 @@ def optimizer(**keys: object) -> ml_collections.ConfigDict:
         learning_rate=1e-3,
         # Further keyword arguments of that optax function, e.g. dict(b2=0.95).
         kwargs=dict(),
-        # The learning-rate schedule; None or dict(name="constant"): constant. Switch it here,
-        # not on the command line, which keeps the keys of this one.
+        # The learning-rate schedule; None or dict(name="constant"): constant. To switch it on
+        # the command line, give the whole dict: --config.optimizer.schedule="{'name': 'constant'}".
         schedule=dict(name="warmup_cosine", warmup_steps=50, end_value=1e-5),
         # Decoupled weight decay on the parameters weight_decay_mask selects; None: the
         # optimizer's own default.
