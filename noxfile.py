@@ -43,6 +43,16 @@ def lint(session: nox.Session) -> None:
 
 TEMPLATE_VARIANTS = {"model_api": ["nnx", "linen"], "parallelism": ["jit", "pmap"]}
 ROOT = Path(__file__).resolve().parent
+# The repository's heavier suites run inside generated projects (tests/project_suites/): each on
+# one variant of each model API and one of each parallelism, so every variant runs one of them.
+# Both resume a killed or preempted run: reliability in one process (SIGKILL/SIGTERM/Ctrl-C at
+# random steps, NaN/Inf), multihost with two processes and one device.
+PROJECT_SUITES = {
+    ("nnx", "pmap"): ("test_reliability.py",),
+    ("linen", "jit"): ("test_reliability.py",),
+    ("nnx", "jit"): ("test_multihost.py",),
+    ("linen", "pmap"): ("test_multihost.py",),
+}
 
 
 def _generate(session: nox.Session, out: Path, **answers: str) -> Path:
@@ -100,7 +110,7 @@ def _project_env(session: nox.Session, project: Path) -> Path:
 @nox.parametrize("model_api", TEMPLATE_VARIANTS["model_api"])
 def template(session: nox.Session, model_api: str, parallelism: str) -> None:
     """Generates one template variant, installs it in its own venv, lints it, runs its tests
-    and a quick training run."""
+    (and the repository's suites ``PROJECT_SUITES`` gives it) and a quick training run."""
     out = Path(session.create_tmp()).resolve() / f"template-{model_api}-{parallelism}"
     project = _generate(
         session,
@@ -113,6 +123,8 @@ def template(session: nox.Session, model_api: str, parallelism: str) -> None:
     session.chdir(project)
     session.run(sys.executable, "-m", "ruff", "check", "--no-cache", ".")
     session.run(sys.executable, "-m", "ruff", "format", "--no-cache", "--check", ".")
+    for suite in PROJECT_SUITES.get((model_api, parallelism), ()):
+        shutil.copy(ROOT / "tests" / "project_suites" / suite, project / "tests" / suite)
     session.run(str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
     workdir = out / "quick-run"
     session.run(

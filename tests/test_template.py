@@ -39,8 +39,6 @@ SHIPPED = {
     "tests/conftest.py",
     "tests/test_config_errors.py",
     "tests/test_train.py",
-    "tests/test_reliability.py",
-    "tests/test_multihost.py",
 }
 PACKAGE_FILES = {"__init__.py", "input_pipeline.py", "predict.py", *VARIANT_FILES}
 
@@ -561,3 +559,18 @@ def test_interactive_prompts_answered_on_stdin(tmp_path):
     project = tmp_path / "my-net"
     assert "train_state.TrainState" in (project / "my_net" / "train.py").read_text()
     assert "sharding.pmap(fn, AXIS_NAME" in (project / "my_net" / "parallel.py").read_text()
+
+
+def test_project_suites_run_on_every_api_and_parallelism():
+    """Each suite of tests/project_suites runs (``nox -s template``) on an NNX and a Linen
+    variant and on a jit and a pmap one; every variant runs one."""
+    noxfile = importlib.util.spec_from_file_location("noxfile", REPO / "noxfile.py")
+    module = importlib.util.module_from_spec(noxfile)
+    noxfile.loader.exec_module(module)
+    suites = {p.name for p in (REPO / "tests" / "project_suites").glob("test_*.py")}
+    variants = {(m, p) for m in ("nnx", "linen") for p in ("jit", "pmap")}
+    assert set(module.PROJECT_SUITES) == variants
+    for suite in suites:
+        runs = [v for v, names in module.PROJECT_SUITES.items() if suite in names]
+        assert {m for m, _ in runs} == {"nnx", "linen"}, suite
+        assert {p for _, p in runs} == {"jit", "pmap"}, suite

@@ -6,10 +6,14 @@ checkpoint write). SIGKILLed runs are separate ``main.py`` processes; SIGTERM is
 the training loop, so those runs stay in this process (through ``main.train_or_exit``, which
 turns it into the exit code). The NaN tests feed batches of NaN/Inf images at chosen steps by
 replacing ``input_pipeline.train_batches`` for the test only.
+
+A suite of the repository's, run inside a generated project (``nox -s template`` copies it
+into the project's ``tests/`` for the variants ``noxfile.PROJECT_SUITES`` names).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import random
@@ -20,22 +24,23 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import main
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
-from plugins import loop, metrics
-
-from {{ cookiecutter.package_name }} import input_pipeline, train
-
-import main
 from configs import quick
 
+from plugins import loop, metrics
+
 PROJECT = Path(__file__).resolve().parents[1]
+# The generated project's package: its folder holding train.py.
+PACKAGE = next(p.name for p in PROJECT.iterdir() if (p / "train.py").is_file())
+input_pipeline = importlib.import_module(f"{PACKAGE}.input_pipeline")
+train = importlib.import_module(f"{PACKAGE}.train")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 NOT_REPRODUCIBLE = {"steps_per_sec", "uptime"}  # wall-clock timings
-PACKAGE = input_pipeline.__name__.rpartition(".")[0]
 
 # Runs main.py after arranging for SIGKILL at the AT-th batch the run asks for (the steps run
 # up to two batches behind the data), or with ACTION sigkill-in-save, inside the next checkpoint

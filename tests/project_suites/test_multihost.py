@@ -5,10 +5,14 @@ collectives and a coordinator on 127.0.0.1. They must give the loss curve of one
 the same global batch, write TensorBoard events from process 0 only, write each checkpoint once,
 and both resume from it when the command is run again -- also after SIGTERM to one of them. One
 process on one device must give the loss curve of this process's 8 devices.
+
+A suite of the repository's, run inside a generated project (``nox -s template`` copies it
+into the project's ``tests/`` for the variants ``noxfile.PROJECT_SUITES`` names).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import signal
@@ -20,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from {{ cookiecutter.package_name }} import train
-
 from configs import quick
 
 PROJECT = Path(__file__).resolve().parents[1]
+# The generated project's package: its folder holding train.py.
+PACKAGE = next(p.name for p in PROJECT.iterdir() if (p / "train.py").is_file())
+train = importlib.import_module(f"{PACKAGE}.train")
 NUM_PROCESSES = 2
 TIMEOUT_S = 300  # a hang fails the test instead of blocking CI
 # (num_train_steps of the first run, of the resumed run)
