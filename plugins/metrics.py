@@ -152,7 +152,7 @@ def train_step_metrics(
     # scalars makes every metric the same on all devices, at a fraction of the cost of
     # gathering whole metrics from each (the same numbers: every device holds as many examples).
     loss, accuracy = _mean((loss.astype(jnp.float32), accuracy), axis_name)
-    grad_norm = optax.global_norm(grads).astype(jnp.float32)  # NaN/Inf if any gradient is
+    grad_norm = optax.tree.norm(grads).astype(jnp.float32)  # NaN/Inf if any gradient is
     # Finite as optax.apply_if_finite judges it, element by element: the norm of large finite
     # gradients can overflow. Only then (a cond) is every gradient checked: a finite norm says so.
     grads_finite = jax.lax.cond(

@@ -12,7 +12,8 @@ pmap (per-process view, leading axis = this process's local devices):
 
 Mesh (``jax.jit`` with ``jax.sharding``, global view):
 
-- ``data_mesh()``: a 1-D mesh over every device of every process.
+- ``data_mesh()``: a 1-D mesh over every device of every process (``jax.make_mesh``, axis type
+  given: ``Auto`` by default, ``Explicit`` on request; use it with ``jax.set_mesh``).
 - ``batch_sharding(mesh)`` / ``replicated_sharding(mesh)``: leading-axis-sharded / replicated.
 - ``global_batch(mesh, local_batch)``: process-local numpy batches to one global ``jax.Array``
   per leaf (``jax.make_array_from_process_local_data``).
@@ -43,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
 from plugins import masks, unit_axis
 
@@ -480,15 +481,32 @@ def pad_shard_unpad(
 # mesh helpers
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "data") -> Mesh:
+def data_mesh(
+    devices: Sequence[jax.Device] | None = None,
+    axis_name: str = "data",
+    *,
+    axis_type: AxisType = AxisType.Auto,
+) -> Mesh:
     """A 1-D mesh named ``axis_name`` over ``devices`` (default: every device of every process).
 
-    Default devices are ordered by process, so each process's devices hold one contiguous block
-    of the global batch (what ``global_batch`` relies on).
+    Its axis type is given explicitly: ``AxisType.Auto`` by default (XLA propagates shardings
+    from the step's ``in_shardings``, so any program runs unchanged), or ``AxisType.Explicit``
+    (shardings become part of the arrays' types under ``jax.jit``; some programs then need
+    ``out_sharding=`` annotations, e.g. the gradient of ``take_along_axis`` on a sharded batch,
+    as in ``optax.losses.softmax_cross_entropy_with_integer_labels``). Default devices
+    are laid out by ``jax.make_mesh`` and ordered by process, so that each process's devices hold
+    one contiguous block of the global batch (what ``global_batch`` relies on); where
+    ``jax.make_mesh`` would interleave processes (a TPU's physical order), the process order is
+    kept. Given ``devices`` are used in the order given.
     """
-    if devices is None:
-        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (axis_name,))
+    if devices is not None:
+        return Mesh(np.asarray(devices), (axis_name,), axis_types=(axis_type,))
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    mesh = jax.make_mesh((len(devices),), (axis_name,), (axis_type,), devices=devices)
+    processes = [d.process_index for d in mesh.devices.flat]
+    if processes != sorted(processes):
+        mesh = Mesh(np.asarray(devices), (axis_name,), axis_types=(axis_type,))
+    return mesh
 
 
 def _batch_spec(mesh: Mesh) -> PartitionSpec:

@@ -106,7 +106,7 @@ def test_match_and_decay_masks_keep_structure():
     params = nnx_params()
     m = masks.match(params, [r"kernel$", r"^embed/"])
     # The structure of the arrays nnx.Optimizer hands optax: the state without its Variables.
-    assert jax.tree.structure(m) == jax.tree.structure(nnx.pure(params))
+    assert jax.tree.structure(m) == jax.tree.structure(nnx.as_pure(params))
     linen = linen_params()
     assert jax.tree.structure(masks.decay_mask(linen)) == jax.tree.structure(linen)
     flat = dict(zip(masks.path_strings(m), jax.tree.leaves(m), strict=True))

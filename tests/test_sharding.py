@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from plugins import sharding
 
@@ -379,6 +379,29 @@ def test_data_mesh_global_batch_and_errors():
     named = sharding.data_mesh(jax.devices()[:4], axis_name="batch")
     assert named.axis_names == ("batch",) and named.size == 4
     assert sharding.batch_sharding(named).spec == PartitionSpec("batch")
+
+
+def test_data_mesh_axis_types_and_device_order():
+    mesh = sharding.data_mesh()
+    assert mesh.axis_types == (AxisType.Auto,)
+    assert list(mesh.devices.flat) == sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    explicit = sharding.data_mesh(axis_type=AxisType.Explicit)
+    assert explicit.axis_types == (AxisType.Explicit,)
+    given = jax.devices()[::-1][:4]
+    assert list(sharding.data_mesh(given).devices.flat) == given  # the order given
+
+    # An Explicit mesh, set with jax.set_mesh, types the batch's sharding inside a jitted step.
+    batch = sharding.global_batch(explicit, {"x": np.ones((16, 3), np.float32)})
+    specs = []
+
+    @jax.jit
+    def step(b):
+        specs.append(jax.typeof(b["x"]).sharding.spec)
+        return b["x"].sum()
+
+    with jax.set_mesh(explicit):
+        assert step(batch) == 48
+    assert specs == [PartitionSpec("data", None)]
 
 
 def test_place_replicated_and_state_shardings():
