@@ -46,13 +46,15 @@ ROOT = Path(__file__).resolve().parent
 # The repository's heavier suites run inside generated projects (tests/project_suites/): each on
 # one variant of each model API and one of each parallelism, so every variant runs one of them.
 # Both resume a killed or preempted run: reliability in one process (SIGKILL/SIGTERM/Ctrl-C at
-# random steps, NaN/Inf), multihost with two processes and one device.
+# random steps, NaN/Inf), multihost with two processes and one device. FSDP (config.mesh) is
+# the jit variants' only, on both APIs. processes.py, their helper, goes with them.
 PROJECT_SUITES = {
     ("nnx", "pmap"): ("test_reliability.py",),
-    ("linen", "jit"): ("test_reliability.py",),
-    ("nnx", "jit"): ("test_multihost.py",),
+    ("linen", "jit"): ("test_reliability.py", "test_fsdp.py"),
+    ("nnx", "jit"): ("test_multihost.py", "test_fsdp.py"),
     ("linen", "pmap"): ("test_multihost.py",),
 }
+JIT_ONLY_SUITES = ("test_fsdp.py",)
 
 
 def _generate(session: nox.Session, out: Path, **answers: str) -> Path:
@@ -123,7 +125,7 @@ def template(session: nox.Session, model_api: str, parallelism: str) -> None:
     session.chdir(project)
     session.run(sys.executable, "-m", "ruff", "check", "--no-cache", ".")
     session.run(sys.executable, "-m", "ruff", "format", "--no-cache", "--check", ".")
-    for suite in PROJECT_SUITES.get((model_api, parallelism), ()):
+    for suite in PROJECT_SUITES.get((model_api, parallelism), ()) + ("processes.py",):
         shutil.copy(ROOT / "tests" / "project_suites" / suite, project / "tests" / suite)
     session.run(str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
     workdir = out / "quick-run"

@@ -126,11 +126,11 @@ def build(package: str, config, num_classes: int | None = None, input_shape=None
     if isinstance(state, tuple):  # NNX: (graphdef, state)
         graphdef, state = state
         step = functools.partial(step, graphdef)
-    dp = parallel.DataParallel()
+    dp = parallel.DataParallel(config.get("mesh"))
     return types.SimpleNamespace(
         dp=dp,
         state=state,
-        train_step=dp.compile_train_step(step),
+        train_step=dp.compile_train_step(step, state),
         train=train,
         num_classes=num_classes,
         input_shape=tuple(input_shape),

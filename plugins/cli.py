@@ -32,7 +32,7 @@ from typing import Any
 
 from absl import flags, logging
 
-from plugins import config_cli
+from plugins import config_cli, tensorflow_setup
 
 FLAGS = flags.FLAGS
 
@@ -178,20 +178,27 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as error:
-        sys.exit("config error: " + " ".join(str(error).split()))
+        _exit("config error: " + " ".join(str(error).split()))
     except loop.Preempted as stopped:  # a checkpoint was saved; rerun
         print(stopped, file=sys.stderr, flush=True)
-        sys.exit(stopped.exit_code)
+        _exit(code=stopped.exit_code)
     except loop.NonFiniteError as error:  # the last good checkpoint is intact
-        sys.exit(f"non-finite: {error}")
+        _exit(f"non-finite: {error}")
     except DatasetUnavailable as error:  # e.g. MNIST without network
-        sys.exit(f"data error: {error}")
+        _exit(f"data error: {error}")
     except loop.CheckpointNotFound as error:  # --mode=eval of a workdir without one
-        sys.exit(f"workdir error: {error}")
+        _exit(f"workdir error: {error}")
     except export.ImagesError as error:  # --mode=predict
-        sys.exit(f"images error: {error}")
+        _exit(f"images error: {error}")
     except KeyboardInterrupt:  # Ctrl-C twice in the training steps
         exit_interrupted()
+
+
+def _exit(line: str | None = None, code: int = 1) -> None:
+    """``sys.exit`` with ``line`` (or ``code``), once TensorFlow's background import (if one is
+    under way) is done: interpreter shutdown under it can crash the process."""
+    tensorflow_setup.settle()
+    sys.exit(line if line is not None else code)
 
 
 def print_final(history: dict[str, list[tuple[int, float]]]) -> None:

@@ -62,7 +62,7 @@ CONFIG_KEYS = (
     "loss",
 )
 # Keys a config may have; their defaults when it has not.
-OPTIONAL_KEYS = {"profile_steps": 0}
+OPTIONAL_KEYS = {"profile_steps": 0, "mesh": None}
 # A profile (``profile_steps``) starts after this many steps of the run: compiled and warm.
 PROFILE_AFTER_STEPS = 5
 # Imported with TensorFlow in a background thread while the steps compile (see ``prepare``).
@@ -213,6 +213,10 @@ def check_config(
         raise config_errors.ConfigError(f"config is missing the key(s) {', '.join(missing)}")
     _positive_int(cfg, "seed", minimum=0)
     _positive_int({**OPTIONAL_KEYS, **cfg}, "profile_steps", minimum=0)
+    if cfg.get("mesh") is not None and not isinstance(cfg["mesh"], dict):
+        raise config_errors.ConfigError(
+            f"mesh must be a dict of axis sizes, e.g. dict(data=-1, fsdp=1); got {cfg['mesh']!r}"
+        )
     for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps"):  # fmt: skip
         _positive_int(cfg, key)

@@ -17,9 +17,13 @@ Mesh (``jax.jit`` with ``jax.sharding``, global view):
 - ``batch_sharding(mesh)`` / ``replicated_sharding(mesh)``: leading-axis-sharded / replicated.
 - ``global_batch(mesh, local_batch)``: process-local numpy batches to one global ``jax.Array``
   per leaf (``jax.make_array_from_process_local_data``).
-- ``place_replicated(tree, mesh)``, ``state_shardings(mesh, state, param_sharding=None)``: the
-  train state's placement; replicated today, per-parameter specs (FSDP, tensor parallel) through
-  ``param_sharding`` without changing callers.
+- ``mesh_from_axes({'data': -1, 'fsdp': 2})``: a named mesh from config (``-1``: the devices
+  left; ``MeshError`` when the sizes do not fit the devices).
+- ``place(tree, shardings)``, ``place_replicated(tree, mesh)``, ``state_shardings(mesh, state,
+  param_sharding=None)``: the train state's placement, replicated or per leaf;
+  ``partition_rule(mesh, rules)``: big_vision-style ``(regex, spec)`` rules, first match wins,
+  then FSDP (``fsdp_spec``: each large leaf's largest dimension divisible by the ``fsdp`` axis);
+  ``bytes_per_device(tree)``.
 
 Multi-host: ``initialize_distributed(...)`` and ``assert_same_across_processes(tree)``.
 
@@ -37,7 +41,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -611,18 +615,8 @@ def global_batch(
 def place_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
     """Puts a full copy of every leaf on every device of ``mesh`` (every process must pass the
     same values, e.g. params initialised from the same seed)."""
-    sharding = replicated_sharding(mesh)
-
-    def _place(x):
-        if isinstance(x, jax.Array):
-            if x.sharding.is_equivalent_to(sharding, x.ndim):
-                return x
-            if jax.process_count() == 1 or not x.is_fully_addressable:
-                return jax.device_put(x, sharding)  # device to device, global to global
-        x = np.asarray(x)  # host values: every process contributes its devices' copies
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(_place, tree)
+    replicated = replicated_sharding(mesh)
+    return place(tree, jax.tree.map(lambda _: replicated, tree))
 
 
 ParamSharding = (
@@ -669,6 +663,141 @@ def state_shardings(mesh: Mesh, state: PyTree, *, param_sharding: ParamSharding 
         return NamedSharding(mesh, spec)
 
     return masks.map_with_paths(_sharding, state)
+
+
+class MeshError(ValueError):
+    """Mesh axes that do not fit the devices (a ``config.mesh`` mistake)."""
+
+
+def mesh_from_axes(
+    axes: Mapping[str, int],
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    axis_type: AxisType = AxisType.Auto,
+) -> Mesh:
+    """A mesh with the named axes of ``axes`` in order, e.g. ``{'data': -1, 'fsdp': 2}``.
+
+    One axis may be ``-1``: it takes the devices the others leave. The sizes' product must equal
+    the number of devices (default: every device of every process, ordered by process, so each
+    process holds one contiguous block of the global batch). Raises :class:`MeshError`, naming
+    the axes and the device count, when they do not fit.
+    """
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices, names = list(devices), tuple(axes)
+    sizes = []
+    for name in names:
+        size = axes[name]
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise MeshError(f"mesh.{name} must be a positive int or -1, got {size!r}")
+        sizes.append(size)
+    if not names:
+        raise MeshError("mesh has no axes: give at least one, e.g. dict(data=-1)")
+    if sizes.count(-1) > 1:
+        raise MeshError(f"mesh {dict(axes)}: only one axis can be -1 (the devices left)")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes and len(devices) % known == 0:
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise MeshError(
+            f"mesh {dict(axes)} does not fit the {len(devices)} device(s): the axes' sizes must "
+            f"multiply to {len(devices)} (one of them may be -1: the devices left)"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(axis_type,) * len(names))
+
+
+def fsdp_spec(shape: Sequence[int], axis: str, size: int, min_size: int) -> PartitionSpec | None:
+    """The FSDP spec of an array of ``shape``: its largest dimension divisible by ``size`` split
+    over ``axis`` (the last of equals), or ``None`` (replicated) when none divides or the array
+    has fewer than ``min_size`` elements."""
+    if size <= 1 or math.prod(shape) < min_size:
+        return None
+    fits = [i for i, d in enumerate(shape) if d % size == 0]
+    if not fits:
+        return None
+    best = max(fits, key=lambda i: (shape[i], i))
+    return PartitionSpec(*(axis if i == best else None for i in range(len(shape))))
+
+
+PartitionRules = Sequence[tuple[str, Sequence[str | Sequence[str] | None]]]
+
+
+def partition_rule(
+    mesh: Mesh,
+    rules: PartitionRules = (),
+    *,
+    fsdp_axis: str = "fsdp",
+    min_size: int = 1024,
+) -> Callable[[str, Any], PartitionSpec | None]:
+    """How to split each leaf of a train state over ``mesh``: ``(path, leaf) -> spec | None``
+    (``None``: replicated), for :func:`state_shardings`.
+
+    ``rules`` are big_vision-style ``(path_regex, spec)`` pairs, the first ``re.search`` match
+    winning, e.g. ``[('embedding$', ('fsdp', None)), ('bias$', ())]``; a spec is a tuple of mesh
+    axis names (or tuples of them, or ``None``) per dimension, ``()`` for replicated. Paths are
+    the state's ``'/'``-joined keys, so a rule on ``conv_0/kernel$`` shards a parameter and its
+    optimizer moments alike. A leaf no rule matches gets the FSDP rule when ``mesh`` has a
+    ``fsdp_axis`` of size > 1 (:func:`fsdp_spec`: its largest dimension divisible by that size,
+    if it has at least ``min_size`` elements), else is replicated. A rule naming an axis the mesh
+    lacks, or that does not divide its dimension, is a ``ValueError`` naming the leaf.
+    """
+    compiled = [(re.compile(pattern), tuple(spec)) for pattern, spec in rules]
+    size = dict(mesh.shape).get(fsdp_axis, 1)
+
+    def rule(path: str, leaf: Any) -> PartitionSpec | None:
+        shape = tuple(getattr(leaf, "shape", ()))
+        for pattern, spec in compiled:
+            if pattern.search(path):
+                _check_spec(path, shape, spec, mesh)
+                return PartitionSpec(*spec)
+        return fsdp_spec(shape, fsdp_axis, size, min_size)
+
+    return rule
+
+
+def _check_spec(path: str, shape: tuple[int, ...], spec: tuple, mesh: Mesh) -> None:
+    if len(spec) > len(shape):
+        raise ValueError(f"partition rule for {path!r}: spec {spec} has more entries than its "
+                         f"shape {shape} has dimensions")  # fmt: skip
+    for dim, names in zip(shape, spec, strict=False):
+        names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+        unknown = [n for n in names if n not in mesh.shape]
+        if unknown:
+            raise ValueError(
+                f"partition rule for {path!r}: mesh axis {unknown[0]!r} is not one of "
+                f"{tuple(mesh.axis_names)}"
+            )
+        parts = math.prod(mesh.shape[n] for n in names)
+        if dim % parts:
+            raise ValueError(
+                f"partition rule for {path!r}: dimension {dim} of shape {shape} does not split "
+                f"into {parts} over {names}"
+            )
+
+
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+    """Puts each leaf of ``tree`` (host values, the same in every process, or jax Arrays) on
+    its sharding of ``shardings`` (a tree of the same structure)."""
+
+    def _place(x, sharding):
+        if isinstance(x, jax.Array):
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            if jax.process_count() == 1 or not x.is_fully_addressable:
+                return jax.device_put(x, sharding)
+        x = np.asarray(x)  # host values: every process contributes its devices' parts
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(_place, tree, shardings)
+
+
+def bytes_per_device(tree: PyTree) -> dict[jax.Device, int]:
+    """Bytes each (addressable) device holds of ``tree``'s ``jax.Array`` leaves."""
+    held: dict[jax.Device, int] = collections.defaultdict(int)
+    for leaf in jax.tree.leaves(tree):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            held[shard.device] += shard.data.nbytes
+    return dict(held)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,3 +75,10 @@ def wait(modules: Sequence[str] = ()) -> None:
         raise _error
     for name in modules:
         importlib.import_module(name)
+
+
+def settle() -> None:
+    """Waits for a background import ``start_import`` began, ignoring its errors: a program that
+    exits while TensorFlow is being imported in another thread can crash at shutdown."""
+    if _thread is not None:
+        _thread.join()

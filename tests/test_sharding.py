@@ -468,3 +468,55 @@ def test_initialize_distributed_incomplete_settings(monkeypatch):
 def test_assert_same_across_processes_single_process():
     sharding.assert_same_across_processes({"a": np.arange(3)}, what="params")
     sharding.assert_same_across_processes({"a": np.arange(3)}, shapes_only=True)
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+
+def test_mesh_from_axes_takes_the_devices_left_and_refuses_what_does_not_fit():
+    mesh = sharding.mesh_from_axes({"data": -1, "fsdp": 2})
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    assert [d.id for d in mesh.devices.flat] == sorted(d.id for d in jax.devices())
+    assert dict(sharding.mesh_from_axes({"data": 8}).shape) == {"data": 8}
+    for axes, message in [
+        ({"data": 3}, "does not fit the 8 device"),
+        ({"data": -1, "fsdp": 3}, "does not fit the 8 device"),
+        ({"data": -1, "fsdp": -1}, "only one axis can be -1"),
+        ({"data": 0}, "mesh.data must be a positive int or -1"),
+        ({"data": True}, "mesh.data must be a positive int or -1"),
+        ({}, "mesh has no axes"),
+    ]:
+        with pytest.raises(sharding.MeshError, match=message):
+            sharding.mesh_from_axes(axes)
+
+
+def test_fsdp_spec_splits_the_largest_dimension_that_divides():
+    P = jax.sharding.PartitionSpec
+    assert sharding.fsdp_spec((3, 3, 32, 64), "fsdp", 8, 1024) == P(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((256, 128), "fsdp", 8, 1024) == P("fsdp", None)
+    assert sharding.fsdp_spec((100, 30), "fsdp", 8, 1024) is None  # no dimension divides
+    assert sharding.fsdp_spec((64,), "fsdp", 8, 1024) is None  # small: replicated
+    assert sharding.fsdp_spec((256, 128), "fsdp", 1, 1024) is None  # no fsdp axis
+
+
+def test_partition_rules_come_first_then_fsdp_and_name_the_leaf_they_cannot_fit():
+    P = jax.sharding.PartitionSpec
+    mesh = sharding.mesh_from_axes({"data": 2, "fsdp": 4})
+    rule = sharding.partition_rule(mesh, [(r"head/kernel$", (None, "fsdp")), (r"keep$", ())])
+    kernel, head = np.zeros((256, 128)), np.zeros((128, 16))
+    assert rule("params/dense/kernel", kernel) == P("fsdp", None)
+    assert rule("opt_state/0/mu/head/kernel", head) == P(None, "fsdp")
+    assert rule("params/keep", kernel) == P()
+    state = {"params": {"dense": {"kernel": kernel}, "head": {"kernel": head}}}
+    shardings = sharding.state_shardings(mesh, state, param_sharding=rule)
+    placed = sharding.place(state, shardings)
+    held = sharding.bytes_per_device(placed)
+    assert set(held) == set(jax.devices())
+    total = sum(x.nbytes for x in jax.tree.leaves(placed))  # float32 on the devices
+    assert all(b == total // 4 for b in held.values())
+    bad = sharding.partition_rule(mesh, [(r"head/kernel$", ("model",))])
+    with pytest.raises(ValueError, match="'params/head/kernel': mesh axis 'model'"):
+        bad("params/head/kernel", head)
+    odd = sharding.partition_rule(mesh, [(r"kernel$", (("data", "fsdp"), None))])
+    with pytest.raises(ValueError, match=r"dimension 3 of shape \(3, 8\) does not split into 8"):
+        odd("params/x/kernel", np.zeros((3, 8)))

@@ -13,17 +13,13 @@ into the project's ``tests/`` for the variants ``noxfile.PROJECT_SUITES`` names)
 from __future__ import annotations
 
 import importlib
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
+import processes
 from configs import quick
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -31,29 +27,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 PACKAGE = next(p.name for p in PROJECT.iterdir() if (p / "train.py").is_file())
 train = importlib.import_module(f"{PACKAGE}.train")
 NUM_PROCESSES = 2
-TIMEOUT_S = 300  # a hang fails the test instead of blocking CI
 # (num_train_steps of the first run, of the resumed run)
 STEPS = (6, 10)
 OVERRIDES = dict(log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices_per_process: int) -> dict[str, str]:
-    """This process's environment for ``main.py`` on CPU devices, without a cluster's."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-    }
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)
-    return env
 
 
 def _launch(
@@ -62,58 +38,16 @@ def _launch(
     overrides: dict = OVERRIDES,
     sigterm_after_checkpoint: int | None = None,
 ) -> list[tuple[int, str]]:
-    """Runs ``main.py`` as two processes of one job; returns each one's (pid, output).
-
-    With ``sigterm_after_checkpoint=n``, process 0 alone gets SIGTERM once checkpoint ``n`` is
-    written, and both must exit with 143 (preempted); otherwise both must exit with 0.
-    """
-    env = _env(devices_per_process=4)
+    """``main.py --config=configs/quick.py`` as two processes of one job (4 CPU devices each):
+    ``processes.launch``."""
     overrides = {**overrides, "num_train_steps": num_train_steps}
-    port = _free_port()
-    command = [
-        sys.executable, "main.py", "--config=configs/quick.py", f"--workdir={workdir}",
-        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={NUM_PROCESSES}",
-        *(f"--config.{key}={value}" for key, value in overrides.items()),
-    ]  # fmt: skip
-    logs = [workdir.parent / f"{workdir.name}-process{i}.log" for i in range(NUM_PROCESSES)]
-    procs = []
-    for i, log in enumerate(logs):
-        with open(log, "a") as out:  # a file, not a pipe: nothing blocks while we wait
-            procs.append(
-                subprocess.Popen(
-                    [*command, f"--process_id={i}"],
-                    cwd=PROJECT,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        if sigterm_after_checkpoint is not None:
-            while not (workdir / "checkpoints" / str(sigterm_after_checkpoint)).is_dir():
-                if time.monotonic() > deadline or procs[0].poll() is not None:
-                    pytest.fail(f"checkpoint {sigterm_after_checkpoint} never appeared")
-                time.sleep(0.1)
-            procs[0].send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {NUM_PROCESSES} processes did not finish in {TIMEOUT_S}s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outputs = [log.read_text() for log in logs]
-    expected = 0 if sigterm_after_checkpoint is None else 128 + signal.SIGTERM
-    for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        tail = "\n".join(line for line in out.splitlines() if "[Gloo]" not in line)[-4000:]
-        assert p.returncode == expected, f"process {i} failed (rc={p.returncode}):\n{tail}"
-    for log in logs:
-        log.unlink()
-    return [(p.pid, out) for p, out in zip(procs, outputs, strict=True)]
+    args = [f"--config.{key}={value}" for key, value in overrides.items()]
+    return processes.launch(
+        workdir,
+        ["--config=configs/quick.py", *args],
+        num_processes=NUM_PROCESSES,
+        sigterm_after_checkpoint=sigterm_after_checkpoint,
+    )
 
 
 def _events(path: Path) -> dict[str, dict[int, float]]:
@@ -233,9 +167,9 @@ def test_one_device_trains_like_eight(tmp_path):
         sys.executable, "main.py", "--config=configs/quick.py", f"--workdir={workdir}",
         *(f"--config.{key}={value}" for key, value in overrides.items()),
     ]  # fmt: skip
+    env = processes.cpu_env(devices_per_process=1)
     run = subprocess.run(
-        command, cwd=PROJECT, env=_env(devices_per_process=1), capture_output=True, text=True,
-        timeout=TIMEOUT_S,
+        command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=processes.TIMEOUT_S
     )  # fmt: skip
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]

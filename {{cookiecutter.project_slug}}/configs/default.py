@@ -75,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 300
     # Compute in bfloat16 (parameters and optimizer state stay float32).
     config.half_precision = False
+    # The device mesh (jit projects): 'data' splits each batch, 'fsdp' too and also splits
+    # every large parameter and its optimizer state (fully sharded data parallel); -1 takes the
+    # devices left. E.g. --config.mesh.fsdp=8 on 8 devices. (pmap projects: data only.)
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     # Trace this many training steps (after 5 of warm-up) with jax.profiler into the workdir;
     # TensorBoard's profile tab shows it. 0: no trace.
     config.profile_steps = 0

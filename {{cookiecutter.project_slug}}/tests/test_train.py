@@ -123,7 +123,7 @@ def test_steps_compile_once(tmp_path, monkeypatch, caplog):
 
     def tracking(method: str) -> Any:
         original = getattr(parallel.DataParallel, method)
-        return lambda dp, fn: _Tracked(original(dp, fn), method, active)
+        return lambda dp, fn, state: _Tracked(original(dp, fn, state), method, active)
 
     for method in ("compile_train_step", "compile_eval_step"):
         monkeypatch.setattr(parallel.DataParallel, method, tracking(method))
@@ -237,12 +237,12 @@ parallel = importlib.import_module(sys.argv[1] + ".parallel")
 config = quick.get_config()
 tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
 state = train.create_train_state(config, tx, 10, (8, 8, 1))
-dp = parallel.DataParallel()
+dp = parallel.DataParallel(config.mesh)
 step = functools.partial(train.train_step, loss_fn=losses.create(config.loss))
 if isinstance(state, tuple):  # NNX: (graphdef, state)
     graphdef, state = state
     step = functools.partial(step, graphdef)
-step = dp.compile_train_step(step)
+step = dp.compile_train_step(step, state)
 batch = next(dp.train_batches([data.example_batch((8, 8, 1), config.batch_size)]))
 state, so_far = step(dp.put_state(state), dp.put_state(metrics.TrainMetrics.empty()), batch)
 print(metrics.scalars(dp.to_host(so_far))["train_loss"])

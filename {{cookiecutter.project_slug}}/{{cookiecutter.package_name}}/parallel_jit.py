@@ -1,8 +1,12 @@
-"""Data parallelism with ``jax.jit`` over a device mesh.
+"""Data parallelism (and FSDP) with ``jax.jit`` over a device mesh.
 
-The train state is replicated over a 1-D ``data`` mesh of every device of every process, and each
-batch is one global ``jax.Array`` split along its leading axis. Each process reads only its own
-slice of the data (``plugins.data``); ``plugins.sharding.global_batch`` assembles the global batch.
+``config.mesh`` names the mesh's axes: ``dict(data=-1, fsdp=1)`` by default, every device on the
+``data`` axis. Each batch is one global ``jax.Array`` split along its leading axis over all the
+devices; each process reads only its own slice of the data (``plugins.data``), and
+``plugins.sharding.global_batch`` assembles the global batch. The train state is replicated,
+except with ``fsdp > 1``: then each large parameter, and its optimizer state with it, is split
+over the ``fsdp`` axis along its largest dimension that divides (``PARTITION_RULES`` first,
+then ``plugins.sharding.partition_rule``'s FSDP rule), and XLA gathers it where a step needs it.
 XLA inserts the gradient all-reduce itself, so the step function is written as for one device
 (``mean`` is the identity here).
 """
@@ -13,10 +17,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-from plugins import sharding
+from plugins import metrics, sharding
+from plugins.config_errors import ConfigError
 
 # Batch norm needs no named axis: under jit the batch is global.
 AXIS_NAME: str | None = None
+# How to split the train state's leaves over the mesh, before the FSDP rule: big_vision-style
+# (path regex, spec) pairs, first match wins, e.g. [(r"head/kernel$", (None, "fsdp"))] or
+# [(r"bias$", ())] (replicated). Paths are the state's '/'-joined keys (a parameter's rule
+# matches its optimizer state too); see plugins.sharding.partition_rule.
+PARTITION_RULES: list[tuple[str, tuple]] = []
 
 
 def mean(tree: Any) -> Any:
@@ -25,20 +35,33 @@ def mean(tree: Any) -> Any:
 
 
 class DataParallel:
-    """Places state and batches on a ``data`` mesh and compiles steps with ``jax.jit``."""
+    """Places state and batches on the mesh ``config.mesh`` describes and compiles steps with
+    ``jax.jit``."""
 
-    def __init__(self) -> None:
-        self.mesh = sharding.data_mesh()
+    def __init__(self, mesh_axes: Any = None) -> None:
+        axes = dict(mesh_axes or {"data": -1})
+        try:
+            self.mesh = sharding.mesh_from_axes(axes)
+        except sharding.MeshError as error:
+            raise ConfigError(str(error)) from None
+        self.rule = sharding.partition_rule(self.mesh, PARTITION_RULES)
         self.replicated = sharding.replicated_sharding(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.num_devices = self.mesh.size
-        # Arrays typed exactly like the compiled steps' outputs, so that feeding either kind to
-        # a step never compiles it a second time.
-        self._as_step_output = jax.jit(lambda tree: tree, out_shardings=self.replicated)
+
+    def shardings(self, tree: Any) -> Any:
+        """Where each leaf of a train state (or metrics: small leaves stay replicated) goes."""
+        return sharding.state_shardings(self.mesh, tree, param_sharding=self.rule)
 
     def put_state(self, state: Any) -> Any:
-        """Replicates a host state (or metrics) over the mesh."""
-        return self._as_step_output(sharding.place_replicated(state, self.mesh))
+        """Places a host state (or metrics) on the mesh, typed exactly like the compiled steps'
+        outputs (so that feeding either kind to a step never compiles it a second time)."""
+        shardings = self.shardings(state)
+        placed = sharding.place(state, shardings)
+        as_step_output = jax.jit(
+            lambda tree: tree, out_shardings=shardings, compiler_options=metrics.RUN_ONCE_OPTIONS
+        )
+        return as_step_output(placed)
 
     def host_state(self, state: Any) -> Any:
         """The state as checkpointed: global arrays are saved as they are."""
@@ -62,19 +85,21 @@ class DataParallel:
 
     eval_batches = train_batches
 
-    def compile_train_step(self, fn: Callable) -> Callable:
-        """``fn(state, metrics, batch) -> (state, metrics)`` jitted; the state is donated."""
+    def compile_train_step(self, fn: Callable, state: Any) -> Callable:
+        """``fn(state, metrics, batch) -> (state, metrics)`` jitted for ``state``'s placement;
+        the state is donated."""
+        state_sharding = self.shardings(state)
         return jax.jit(
             fn,
-            in_shardings=(self.replicated, self.replicated, self.batch_sharding),
-            out_shardings=self.replicated,
+            in_shardings=(state_sharding, self.replicated, self.batch_sharding),
+            out_shardings=(state_sharding, self.replicated),
             donate_argnums=(0,),
         )
 
-    def compile_eval_step(self, fn: Callable) -> Callable:
-        """``fn(state, metrics, batch) -> metrics`` jitted."""
+    def compile_eval_step(self, fn: Callable, state: Any) -> Callable:
+        """``fn(state, metrics, batch) -> metrics`` jitted for ``state``'s placement."""
         return jax.jit(
             fn,
-            in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+            in_shardings=(self.shardings(state), self.replicated, self.batch_sharding),
             out_shardings=self.replicated,
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 from plugins import sharding
+from plugins.config_errors import ConfigError
 
 # The pmap axis: gradients are pmean'd and batch norm statistics averaged over it.
 AXIS_NAME: str | None = "batch"
@@ -28,7 +29,14 @@ def mean(tree: Any) -> Any:
 class DataParallel:
     """Replicates state over local devices and compiles pmapped steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, mesh_axes: Any = None) -> None:
+        sharded = {k: v for k, v in dict(mesh_axes or {}).items() if k != "data" and v != 1}
+        if sharded:
+            raise ConfigError(
+                f"mesh {dict(mesh_axes)}: this project's pmap steps split the data only (the "
+                "state is replicated); for FSDP (mesh.fsdp > 1) generate one with "
+                "parallelism=jit, or set --config.mesh.fsdp=1"
+            )
         self.local_devices = jax.local_device_count()
         self.num_devices = jax.device_count()
         # Arrays typed exactly like the compiled steps' outputs, so that feeding either kind to
@@ -65,10 +73,11 @@ class DataParallel:
 
     eval_batches = train_batches
 
-    def compile_train_step(self, fn: Callable) -> Callable:
-        """``fn(state, metrics, batch) -> (state, metrics)`` pmapped; the state is donated."""
+    def compile_train_step(self, fn: Callable, state: Any = None) -> Callable:
+        """``fn(state, metrics, batch) -> (state, metrics)`` pmapped; the state is donated
+        (``state``, for the jit variant's placement, is not needed here)."""
         return sharding.pmap(fn, AXIS_NAME, donate_argnums=(0,))
 
-    def compile_eval_step(self, fn: Callable) -> Callable:
+    def compile_eval_step(self, fn: Callable, state: Any = None) -> Callable:
         """``fn(state, metrics, batch) -> metrics`` pmapped."""
         return sharding.pmap(fn, AXIS_NAME)

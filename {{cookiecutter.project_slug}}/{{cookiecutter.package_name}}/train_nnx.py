@@ -160,6 +160,7 @@ def train_and_evaluate(
     """
     # A bad key or value stops here, with one line, before anything compiles or is written.
     loop.prepare(config, model_check=models.check_model_config)
+    dp = parallel.DataParallel(config.get("mesh"))  # the devices: a mesh, or pmap's
     num_classes, input_shape = input_pipeline.dataset_info(config)
 
     tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
@@ -171,15 +172,17 @@ def train_and_evaluate(
 
     loss_fn = losses.create(config.loss)
     update_args = optim.extra_update_args(config.optimizer)
-    dp = parallel.DataParallel()
     return loop.fit(
         config,
         workdir,
         state=state,
         train_step=dp.compile_train_step(
-            functools.partial(train_step, graphdef, loss_fn=loss_fn, update_args=update_args)
+            functools.partial(train_step, graphdef, loss_fn=loss_fn, update_args=update_args),
+            state,
         ),
-        eval_step=dp.compile_eval_step(functools.partial(eval_step, graphdef, loss_fn=loss_fn)),
+        eval_step=dp.compile_eval_step(
+            functools.partial(eval_step, graphdef, loss_fn=loss_fn), state
+        ),
         parallel=dp,
         train_batches=lambda start_step: input_pipeline.train_batches(config, start_step),
         eval_batches=lambda: input_pipeline.eval_batches(config),
@@ -193,15 +196,17 @@ def evaluate(
     """Evaluates the checkpoint of ``step`` (default: the latest) in ``workdir`` on the eval
     split, training nothing; returns ``(step, {'eval_loss': ..., 'eval_accuracy': ...})``."""
     loop.check_config(config, model_check=models.check_model_config)
+    dp = parallel.DataParallel(config.get("mesh"))
     num_classes, input_shape = input_pipeline.dataset_info(config)
     tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
     graphdef, state = create_train_state(config, tx, num_classes, input_shape)
     loss_fn = losses.create(config.loss)
-    dp = parallel.DataParallel()
     return loop.evaluate(
         workdir,
         state=state,
-        eval_step=dp.compile_eval_step(functools.partial(eval_step, graphdef, loss_fn=loss_fn)),
+        eval_step=dp.compile_eval_step(
+            functools.partial(eval_step, graphdef, loss_fn=loss_fn), state
+        ),
         parallel=dp,
         eval_batches=lambda: input_pipeline.eval_batches(config),
         step=step,
