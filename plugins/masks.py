@@ -389,10 +389,21 @@ def freeze(
     return partition(frozen, optax.set_to_zero(), transform)
 
 
-def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
+def summary(
+    params: PyTree,
+    optimizer_config: Any,
+    *,
+    total_steps: int,
+    mesh: Any = None,
+    partition: Callable[[str, Any], Any] | None = None,
+) -> str:
     """Returns a table of every parameter: path, shape, size, group, lr multiplier, weight decay,
     frozen or not, and the transform that updates it; with totals for parameters and for the
-    optimizer state that ``plugins.optim.create(optimizer_config, ...)`` allocates."""
+    optimizer state that ``plugins.optim.create(optimizer_config, ...)`` allocates. With a
+    ``mesh`` and a ``partition`` rule (``plugins.sharding.partition_rule``): each parameter's
+    sharding and bytes per device, and the totals per device."""
     from plugins import optim  # optim builds on masks; import lazily to keep masks light
 
-    return optim.summary(params, optimizer_config, total_steps=total_steps)
+    return optim.summary(
+        params, optimizer_config, total_steps=total_steps, mesh=mesh, partition=partition
+    )

@@ -1104,9 +1104,20 @@ def _describe(
     return name, f"{wd:g}" if decays(leaf_path, leaf) else "0"
 
 
-def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
+def summary(
+    params: PyTree,
+    optimizer_config: Any,
+    *,
+    total_steps: int,
+    mesh: Any = None,
+    partition: Callable[[str, Any], Any] | None = None,
+) -> str:
     """A table of every parameter: path, shape, size, group, lr multiplier, weight decay, frozen,
-    and which transform updates it; then totals for parameters and optimizer state."""
+    and which transform updates it; then totals for parameters and optimizer state.
+
+    With a ``mesh`` (and ``partition``, ``(path, leaf) -> PartitionSpec | None``, e.g.
+    ``plugins.sharding.partition_rule(mesh)``), each parameter's sharding and the bytes one
+    device holds of it, and the totals per device of parameters and optimizer state."""
     cfg = check_config(optimizer_config)
     tx = create(optimizer_config, total_steps=total_steps, params=params)
     groups = groups_of(cfg)
@@ -1118,17 +1129,20 @@ def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
     decays = {
         g.label: masks.decay_predicate(g.config["weight_decay_mask"], tree=params) for g in groups
     }
+    split = _splitter(mesh, partition)
     rows = []
     for path, leaf in zip(masks.leaf_paths(params), jax.tree.leaves(params), strict=True):
         shape = tuple(getattr(leaf, "shape", ()))
         size = int(getattr(leaf, "size", 1))
+        placed = split(str(path), leaf) if split else ()
         if frozen is not None and frozen(path, leaf):
-            rows.append((str(path), str(shape), size, "-", "-", "-", "yes", "frozen"))
+            rows.append((str(path), str(shape), size, "-", "-", "-", "yes", "frozen", *placed))
             continue
         group = next(g for g in groups if g.match is None or matches[g.label](path, leaf))
         transform, wd = _describe(group.config, path, leaf, decays[group.label])
         rows.append(
             (str(path), str(shape), size, group.label, f"{group.lr_mult:g}", wd, "no", transform)
+            + placed
         )
     state_shapes = jax.eval_shape(tx.init, params)
     state_leaves = [x for x in jax.tree.leaves(state_shapes) if hasattr(x, "shape")]
@@ -1140,6 +1154,8 @@ def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
     n_frozen = sum(r[2] for r in rows if r[6] == "yes")
 
     header = ("path", "shape", "size", "group", "lr_mult", "weight_decay", "frozen", "transform")
+    if split:
+        header += ("sharding", "bytes/device")
     table = [header] + [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
@@ -1154,7 +1170,38 @@ def summary(params: PyTree, optimizer_config: Any, *, total_steps: int) -> str:
         f"= {ratio:.2f}x the parameters"
         + (f", {state_size / trainable:.2f}x the trainable ones" if n_frozen and trainable else ""),
     ]
+    if split:
+        params_here = sum(int(r[-1]) for r in rows)
+        state_paths = masks.leaf_paths(state_shapes)
+        state_here = sum(
+            int(split(str(p), x)[1])
+            for p, x in zip(state_paths, jax.tree.leaves(state_shapes), strict=True)
+            if hasattr(x, "shape")
+        )
+        lines.append(
+            f"per device ({mesh.size} devices, mesh {dict(mesh.shape)}): parameters "
+            f"{_bytes(params_here)}, optimizer state {_bytes(state_here)}"
+        )
     return "\n".join(lines)
+
+
+def _splitter(mesh: Any, partition: Callable[[str, Any], Any] | None):
+    """``(path, leaf) -> (spec text, bytes one device holds)`` on ``mesh``, or None."""
+    if mesh is None:
+        return None
+
+    def split(path: str, leaf: Any) -> tuple[str, int]:
+        spec = partition(path, leaf) if partition else None
+        itemsize = jnp.dtype(getattr(leaf, "dtype", jnp.float32)).itemsize
+        nbytes = int(getattr(leaf, "size", 1)) * itemsize
+        parts = 1
+        for names in tuple(spec or ()):
+            for name in () if names is None else (names,) if isinstance(names, str) else names:
+                parts *= mesh.shape[name]
+        text = "replicated" if not spec or all(n is None for n in spec) else str(tuple(spec))
+        return text, nbytes // parts
+
+    return split
 
 
 def _bytes(n: int) -> str:

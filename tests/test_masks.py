@@ -292,3 +292,24 @@ def test_summary_evaluates_a_mask_function_per_tree_not_per_parameter():
         return len(calls)
 
     assert count(5) == count(20)
+
+
+def test_summary_shows_each_parameters_sharding_and_bytes_per_device():
+    from plugins import sharding
+
+    params = {
+        "dense": {"kernel": np.zeros((256, 128), np.float32), "bias": np.zeros((128,), np.float32)}
+    }
+    mesh = sharding.mesh_from_axes({"data": -1, "fsdp": 8})
+    table = masks.summary(
+        params, {"name": "adam", "learning_rate": 1e-3}, total_steps=10, mesh=mesh,
+        partition=sharding.partition_rule(mesh),
+    )  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:4]}
+    assert rows["dense/kernel"][-3:] == ["('fsdp',", "None)", str(256 * 128 * 4 // 8)]
+    assert rows["dense/bias"][-2:] == ["replicated", str(128 * 4)]
+    # adam keeps two moments per parameter (and a count): twice the parameters' bytes per device
+    params_here = (256 * 128 * 4 // 8 + 128 * 4) / 1024
+    assert f"parameters {params_here:.1f} KiB, optimizer state {2 * params_here:.1f} KiB" in table
+    assert "sharding" not in masks.summary(params, {"name": "adam", "learning_rate": 1e-3},
+                                           total_steps=10)  # fmt: skip

@@ -37,6 +37,7 @@ class DataParallel:
                 "state is replicated); for FSDP (mesh.fsdp > 1) generate one with "
                 "parallelism=jit, or set --config.mesh.fsdp=1"
             )
+        self.mesh = self.rule = None  # the jit variant's mesh and partition rule
         self.local_devices = jax.local_device_count()
         self.num_devices = jax.device_count()
         # Arrays typed exactly like the compiled steps' outputs, so that feeding either kind to

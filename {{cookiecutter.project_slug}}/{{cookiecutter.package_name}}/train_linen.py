@@ -184,7 +184,10 @@ def train_and_evaluate(
     tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
     state = create_train_state(config, tx, num_classes, input_shape, init_params)
     if jax.process_index() == 0:
-        table = masks.summary(state.params, config.optimizer, total_steps=config.num_train_steps)
+        table = masks.summary(
+            state.params, config.optimizer, total_steps=config.num_train_steps, mesh=dp.mesh,
+            partition=dp.rule,
+        )  # fmt: skip
         logging.info("Parameters:\n%s", table)
 
     loss_fn = losses.create(config.loss)

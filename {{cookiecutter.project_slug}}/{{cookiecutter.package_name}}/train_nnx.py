@@ -167,7 +167,10 @@ def train_and_evaluate(
     graphdef, state = create_train_state(config, tx, num_classes, input_shape, init_params)
     if jax.process_index() == 0:
         params = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)
-        table = masks.summary(params, config.optimizer, total_steps=config.num_train_steps)
+        table = masks.summary(
+            params, config.optimizer, total_steps=config.num_train_steps, mesh=dp.mesh,
+            partition=dp.rule,
+        )  # fmt: skip
         logging.info("Parameters:\n%s", table)
 
     loss_fn = losses.create(config.loss)
