@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -161,3 +161,26 @@ def check_named(
         if options[key] is not None:
             options[key](value, f"{where}.{key}")
     return cfg
+
+
+def check_fraction(value: Any, key: str) -> None:
+    """Raises ``ConfigError`` unless ``value`` is a number in [0, 1) (a rate, e.g. dropout)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(f"{key} must be a number in [0, 1), got {value!r}")
+
+
+def check_bool(value: Any, key: str) -> None:
+    """Raises ``ConfigError`` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be True or False, got {value!r}")
+
+
+def check_one_of(*choices: str) -> Callable[[Any, str], None]:
+    """A check that ``value`` is one of ``choices``."""
+
+    def check(value: Any, key: str) -> None:
+        if value not in choices:
+            listing = ", ".join(map(repr, choices))
+            raise ConfigError(f"{key} must be one of {listing}; got {value!r}")
+
+    return check

@@ -19,7 +19,11 @@ import tensorflow_datasets as tfds
 from plugins import data, export
 from plugins.config_errors import ConfigError
 
-from {{ cookiecutter.package_name }} import parallel, predict, train
+from {{ cookiecutter.package_name }} import (
+    parallel,
+    predict,
+    train,
+)
 
 from configs import cifar10, mnist, quick
 

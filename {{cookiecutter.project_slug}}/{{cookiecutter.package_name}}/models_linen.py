@@ -5,7 +5,8 @@ Every layer is named like its twin in the NNX variant of this template (``conv_0
 between the two APIs and the same config trains the same network in both.
 
 Add a model: write the module, then register it in ``MODELS`` with the config keys it takes
-and how each is checked.
+and how each is checked. A model is called as ``model.apply(variables, images, train=...)``; in
+training the step gives a ``'dropout'`` rng (deterministic in (seed, step)).
 """
 
 from __future__ import annotations
@@ -108,6 +109,81 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
+class EncoderBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``, with
+    dropout after the attention, inside the MLP and after it (in training)."""
+
+    width: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
+        """Applies the block (``nn.scan``'s carry in and out)."""
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        y = nn.LayerNorm(dtype=self.dtype, name="norm_0")(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype, deterministic=True, name="attn"
+        )(y, y)
+        x = x + drop(y)
+        y = nn.LayerNorm(dtype=self.dtype, name="norm_1")(x)
+        y = drop(nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_0")(y)))
+        return x + drop(nn.Dense(self.width, dtype=self.dtype, name="mlp_1")(y)), None
+
+
+class ViT(nn.Module):
+    """A Vision Transformer: ``patch_size`` x ``patch_size`` patches embedded to ``width``, a
+    class token (``pool='cls'``) or mean pooling (``'mean'``), learnt position embeddings,
+    ``depth`` pre-norm blocks stacked along a leading axis and applied with ``nn.scan``
+    (compiled once, whatever the depth; ``remat=True`` recomputes each block's activations in
+    the backward pass instead of keeping them), a final norm and a linear head. Dropout draws
+    from the ``'dropout'`` rng the train step gives."""
+
+    num_classes: int
+    patch_size: int = 2
+    width: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    pool: str = "cls"
+    remat: bool = False
+    dtype: Any = jnp.float32
+    axis_name: str | None = None  # no batch norm
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        """Returns the logits of a batch of images ``(B, H, W, C)``."""
+        patch = (self.patch_size, self.patch_size)
+        x = nn.Conv(
+            self.width, patch, strides=patch, padding="VALID", dtype=self.dtype, name="embed"
+        )(x)
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height * width, channels)
+        if self.pool == "cls":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, channels), jnp.float32)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, channels)), x], 1)
+        init = nn.initializers.normal(0.02)
+        x = x + self.param("pos_embedding", init, (1, *x.shape[1:]), jnp.float32).astype(x.dtype)
+        block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=self.depth,
+        )
+        mlp_dim = self.width * self.mlp_ratio
+        x, _ = blocks(self.width, self.num_heads, mlp_dim, self.dropout, self.dtype, name="blocks")(
+            x, train
+        )
+        x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
+        x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+
+
 # name -> (class, its config keys besides ``name``, each with how its value is checked)
 MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "cnn": (
@@ -121,6 +197,19 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             "num_filters": config_errors.check_positive_int,
         },
     ),
+    "vit": (
+        ViT,
+        {
+            "patch_size": config_errors.check_positive_int,
+            "width": config_errors.check_positive_int,
+            "depth": config_errors.check_positive_int,
+            "num_heads": config_errors.check_positive_int,
+            "mlp_ratio": config_errors.check_positive_int,
+            "dropout": config_errors.check_fraction,
+            "pool": config_errors.check_one_of("cls", "mean"),
+            "remat": config_errors.check_bool,
+        },
+    ),
 }
 
 
@@ -128,7 +217,13 @@ def check_model_config(model_config: Any) -> dict[str, Any]:
     """Returns the model's keyword arguments; raises ``ConfigError`` for an unknown model or key,
     or a bad value."""
     choices = {name: options for name, (_, options) in MODELS.items()}
-    return config_errors.check_named(model_config, choices, "model", "model")
+    kwargs = config_errors.check_named(model_config, choices, "model", "model")
+    width, heads = kwargs.get("width", 64), kwargs.get("num_heads", 4)
+    if model_config["name"] == "vit" and width % heads:
+        raise config_errors.ConfigError(
+            f"model.width={width} does not split into model.num_heads={heads} heads"
+        )
+    return kwargs
 
 
 def create_model(

@@ -5,7 +5,8 @@ Every layer is named like its twin in the Linen variant of this template (``conv
 between the two APIs and the same config trains the same network in both.
 
 Add a model: write the module, then register it in ``MODELS`` with the config keys it takes
-and how each is checked.
+and how each is checked. A model is called as ``model(images, dropout_key=key)``: the train
+step gives a key per step (deterministic in (seed, step)); evaluation gives none.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class CNN(nnx.Module):
         )
         self.head = nnx.Linear(dense, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Returns the logits of a batch of images ``(B, H, W, C)``."""
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Returns the logits of a batch of images ``(B, H, W, C)`` (no dropout here)."""
+        del dropout_key
         for i in range(self.num_convs):
             x = nnx.relu(getattr(self, f"conv_{i}")(x))
             x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
@@ -144,12 +146,115 @@ class ResNet(nnx.Module):
             channels, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Returns the logits of a batch of images ``(B, H, W, C)``."""
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Returns the logits of a batch of images ``(B, H, W, C)`` (no dropout here)."""
+        del dropout_key
         x = nnx.relu(self.stem_bn(self.stem_conv(x)))
         for name in self.block_names:
             x = getattr(self, name)(x)
         x = jnp.mean(x, axis=(1, 2))
+        return self.head(x)
+
+
+class EncoderBlock(nnx.Module):
+    """A pre-norm transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``, with
+    dropout after the attention, inside the MLP and after it (given a ``dropout_key``)."""
+
+    def __init__(
+        self, width: int, num_heads: int, mlp_dim: int, dropout: float, *, dtype: Any,
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.norm_0 = nnx.LayerNorm(width, **kw)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=num_heads, in_features=width, decode=False, keep_rngs=False, **kw
+        )
+        self.norm_1 = nnx.LayerNorm(width, **kw)
+        self.mlp_0 = nnx.Linear(width, mlp_dim, **kw)
+        self.mlp_1 = nnx.Linear(mlp_dim, width, **kw)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """Applies the block; without a ``dropout_key``, no dropout."""
+        keys = jax.random.split(dropout_key, 3) if dropout_key is not None else [None] * 3
+
+        def drop(y: jax.Array, key: jax.Array | None) -> jax.Array:
+            return y if key is None else self.dropout(y, rngs=key)
+
+        x = x + drop(self.attn(self.norm_0(x)), keys[0])
+        y = drop(nnx.gelu(self.mlp_0(self.norm_1(x))), keys[1])
+        return x + drop(self.mlp_1(y), keys[2])
+
+
+class ViT(nnx.Module):
+    """A Vision Transformer: ``patch_size`` x ``patch_size`` patches embedded to ``width``, a
+    class token (``pool='cls'``) or mean pooling (``'mean'``), learnt position embeddings,
+    ``depth`` pre-norm blocks stacked along a leading axis and applied with ``nnx.scan``
+    (compiled once, whatever the depth; ``remat=True`` recomputes each block's activations in
+    the backward pass instead of keeping them), a final norm and a linear head."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        input_shape: Sequence[int],
+        patch_size: int = 2,
+        width: int = 64,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        pool: str = "cls",
+        remat: bool = False,
+        dtype: Any = jnp.float32,
+        axis_name: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        del axis_name  # no batch norm
+        height, width_px, channels = input_shape
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.depth, self.pool, self.remat = depth, pool, remat
+        patch = (patch_size, patch_size)
+        self.embed = nnx.Conv(channels, width, patch, strides=patch, padding="VALID", **kw)
+        tokens = (height // patch_size) * (width_px // patch_size) + (pool == "cls")
+        init = nnx.initializers.normal(0.02)
+        self.pos_embedding = nnx.Param(init(rngs.params(), (1, tokens, width), jnp.float32))
+        if pool == "cls":
+            self.cls = nnx.Param(jnp.zeros((1, 1, width), jnp.float32))
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create_blocks(rngs: nnx.Rngs) -> EncoderBlock:
+            return EncoderBlock(
+                width, num_heads, width * mlp_ratio, dropout, dtype=dtype, rngs=rngs
+            )
+
+        self.blocks = create_blocks(rngs)
+        self.norm = nnx.LayerNorm(width, **kw)
+        self.head = nnx.Linear(width, num_classes, **kw)
+
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Returns the logits of a batch of images ``(B, H, W, C)``; dropout only with a
+        ``dropout_key`` (the train step gives one per step)."""
+        x = self.embed(x)
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height * width, channels)
+        if self.pool == "cls":
+            cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (batch, 1, channels))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.pos_embedding[...].astype(x.dtype)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.depth)
+
+        def apply(x: jax.Array, block: EncoderBlock, key: jax.Array | None) -> jax.Array:
+            return block(x, key)
+
+        if self.remat:
+            apply = nnx.remat(apply)
+        in_axes = (nnx.Carry, 0, None if keys is None else 0)
+        scan = nnx.scan(apply, in_axes=in_axes, out_axes=nnx.Carry)
+        x = scan(x, self.blocks, keys)
+        x = self.norm(x)
+        x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         return self.head(x)
 
 
@@ -166,6 +271,19 @@ MODELS: dict[str, tuple[type[nnx.Module], dict[str, Any]]] = {
             "num_filters": config_errors.check_positive_int,
         },
     ),
+    "vit": (
+        ViT,
+        {
+            "patch_size": config_errors.check_positive_int,
+            "width": config_errors.check_positive_int,
+            "depth": config_errors.check_positive_int,
+            "num_heads": config_errors.check_positive_int,
+            "mlp_ratio": config_errors.check_positive_int,
+            "dropout": config_errors.check_fraction,
+            "pool": config_errors.check_one_of("cls", "mean"),
+            "remat": config_errors.check_bool,
+        },
+    ),
 }
 
 
@@ -173,7 +291,13 @@ def check_model_config(model_config: Any) -> dict[str, Any]:
     """Returns the model's keyword arguments; raises ``ConfigError`` for an unknown model or key,
     or a bad value."""
     choices = {name: options for name, (_, options) in MODELS.items()}
-    return config_errors.check_named(model_config, choices, "model", "model")
+    kwargs = config_errors.check_named(model_config, choices, "model", "model")
+    width, heads = kwargs.get("width", 64), kwargs.get("num_heads", 4)
+    if model_config["name"] == "vit" and width % heads:
+        raise config_errors.ConfigError(
+            f"model.width={width} does not split into model.num_heads={heads} heads"
+        )
+    return kwargs
 
 
 def create_model(

@@ -87,15 +87,30 @@ def create_train_state(
     return create(params, variables.get("batch_stats"))
 
 
-def apply_model(state: TrainState, params: Any, images: jax.Array, train: bool) -> tuple:
-    """Logits and (in training, with batch norm) the new batch statistics."""
+def apply_model(
+    state: TrainState, params: Any, images: jax.Array, train: bool, key: jax.Array | None = None
+) -> tuple:
+    """Logits and (in training, with batch norm) the new batch statistics; ``key`` feeds
+    dropout in training."""
+    rngs = None if key is None else {"dropout": key}
     if state.batch_stats is None:
-        return state.apply_fn({"params": params}, images, train=train), None
+        return state.apply_fn({"params": params}, images, train=train, rngs=rngs), None
     variables = {"params": params, "batch_stats": state.batch_stats}
     if not train:
         return state.apply_fn(variables, images, train=False), state.batch_stats
-    logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
+    logits, updates = state.apply_fn(
+        variables, images, train=True, rngs=rngs, mutable=["batch_stats"]
+    )
     return logits, updates["batch_stats"]
+
+
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+    """The dropout key of a train step: it depends only on (seed, step), so a resumed run draws
+    what an uninterrupted one would; under pmap, each device draws its own."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    if parallel.AXIS_NAME is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS_NAME))
+    return key
 
 
 def train_step(
@@ -105,12 +120,14 @@ def train_step(
     *,
     loss_fn: Any,
     update_args: frozenset[str] = frozenset(),
+    seed: int = 0,
 ) -> tuple[TrainState, metrics.TrainMetrics]:
     """One optimizer step on ``batch``; returns the new state and the metrics merged so far."""
     images, labels = batch["image"], batch["label"]
+    key = dropout_key(seed, state.step)
 
     def loss_of(params: Any) -> tuple[jax.Array, tuple]:
-        logits, batch_stats = apply_model(state, params, images, train=True)
+        logits, batch_stats = apply_model(state, params, images, train=True, key=key)
         return loss_fn(logits, labels), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
@@ -197,7 +214,10 @@ def train_and_evaluate(
         workdir,
         state=state,
         train_step=dp.compile_train_step(
-            functools.partial(train_step, loss_fn=loss_fn, update_args=update_args), state
+            functools.partial(
+                train_step, loss_fn=loss_fn, update_args=update_args, seed=config.seed
+            ),
+            state,
         ),
         eval_step=dp.compile_eval_step(functools.partial(eval_step, loss_fn=loss_fn), state),
         parallel=dp,

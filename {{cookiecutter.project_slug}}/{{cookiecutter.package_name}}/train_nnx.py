@@ -73,6 +73,15 @@ def create_train_state(
     return graphdef, initial(init_params)
 
 
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+    """The dropout key of a train step: it depends only on (seed, step), so a resumed run draws
+    what an uninterrupted one would; under pmap, each device draws its own."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    if parallel.AXIS_NAME is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS_NAME))
+    return key
+
+
 def train_step(
     graphdef: nnx.GraphDef,
     state: dict,
@@ -81,15 +90,17 @@ def train_step(
     *,
     loss_fn: Any,
     update_args: frozenset[str] = frozenset(),
+    seed: int = 0,
 ) -> tuple[dict, metrics.TrainMetrics]:
     """One optimizer step on ``batch``; returns the new state and the metrics merged so far."""
     model, optimizer = nnx.merge(graphdef, state)
     images, labels = batch["image"], batch["label"]
+    key = dropout_key(seed, optimizer.step[...])
     # Values, not the Variables themselves (which the forward pass below updates).
     old_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
     def loss_of(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
-        logits = model(images)
+        logits = model(images, dropout_key=key)
         return loss_fn(logits, labels), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
@@ -99,7 +110,7 @@ def train_step(
         model_def, _, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_of_params(params: Any) -> jax.Array:
-            return loss_fn(nnx.merge(model_def, params, rest)(images), labels)
+            return loss_fn(nnx.merge(model_def, params, rest)(images, dropout_key=key), labels)
 
         extra = optim.update_args(
             update_args, loss=parallel.mean(loss), grads=grads, loss_of_params=loss_of_params
@@ -180,7 +191,9 @@ def train_and_evaluate(
         workdir,
         state=state,
         train_step=dp.compile_train_step(
-            functools.partial(train_step, graphdef, loss_fn=loss_fn, update_args=update_args),
+            functools.partial(
+                train_step, graphdef, loss_fn=loss_fn, update_args=update_args, seed=config.seed
+            ),
             state,
         ),
         eval_step=dp.compile_eval_step(
