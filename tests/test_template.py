@@ -507,33 +507,75 @@ def test_non_ascii_answers_are_written_as_they_are(tmp_path):
 
 
 def test_shadow_list_covers_what_a_training_run_imports(tmp_path):
-    # A package named like any module a training run imports would shadow it: the answer checks
-    # refuse those names, and this run finds any that the list has missed.
+    # A package named like any module a training run or the project's pytest imports would
+    # shadow it: the answer checks refuse those names, and these runs find any the list missed.
     from hooks import answers as checks
 
     project = generate(tmp_path, project_name="shadow check", parallelism="pmap")
-    run = (
+    dump = "import atexit, sys; atexit.register(lambda: print('MODULES', *sorted(sys.modules)))"
+    train = (
         "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')"
     )
-    dump = "import atexit, sys; atexit.register(lambda: print('MODULES', *sorted(sys.modules)))"
-    result = subprocess.run(
-        [sys.executable, "-c", f"{dump}\n{run}", "main.py", "--config=configs/quick.py",
-         f"--workdir={tmp_path / 'work'}"],
-        cwd=project, env={**os.environ, "PYTHONPATH": str(project)},
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("MODULES ")]
-    top = {name.split(".")[0] for name in line.split()[1:]}
+    collect = "import pytest, sys; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider']))"  # noqa: E501
     stdlib = {name.lower() for name in (*sys.stdlib_module_names, *sys.builtin_module_names)}
     own = {"shadow_check", "configs", "config_config", "cython_runtime"}
-    imported = {
-        name.lower()
-        for name in top - own
-        if not name.startswith("_") and not re.fullmatch(r"[0-9a-f]{40}", name)
-    }
-    assert {"jax", "flax", "optax", "tensorflow"} <= imported  # the run did train
-    assert sorted(imported - stdlib - checks.SHADOWED) == []
+    own |= {path.stem for path in (project / "tests").glob("*.py")}
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    for code, args, expected, extra_env in (
+        (train, ["main.py", "--config=configs/quick.py", f"--workdir={tmp_path / 'work'}"],
+         {"jax", "flax", "optax", "tensorflow"}, {}),  # the run did train
+        # The tests were collected; without this venv's pytest plugins, which the project's
+        # '.[test]' extra does not install.
+        (collect, [], {"pytest", "pluggy", "iniconfig"}, {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}),
+    ):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", f"{dump}\n{code}", *args],
+            cwd=project, env={**env, **extra_env}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith("MODULES ")]
+        top = {name.split(".")[0] for name in line.split()[1:]}
+        imported = {
+            name.lower()
+            for name in top - own
+            if not name.startswith("_") and not re.fullmatch(r"[0-9a-f]{40}", name)
+        }
+        assert expected <= imported
+        assert sorted(imported - stdlib - checks.SHADOWED) == []
+
+
+def test_shadow_list_covers_the_test_tools_and_their_dependencies():
+    # pytest and ruff (the project's test extra) with everything they may need on any platform
+    # and Python the project supports (exceptiongroup and tomli on 3.10, colorama on Windows),
+    # by their installed top-level modules or, when not installed here, by their names.
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    from hooks import answers as checks
+
+    modules_of: dict[str, set[str]] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            modules_of.setdefault(re.sub(r"[-_.]+", "-", dist).lower(), set()).add(module.lower())
+    needed: set[str] = set()
+    todo, seen = ["pytest", "ruff"], set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            requires = []
+        needed |= modules_of.get(name, {name.replace("-", "_")})
+        for text in requires:
+            requirement = Requirement(text)
+            if "extra" not in str(requirement.marker or ""):
+                todo.append(requirement.name)
+    assert {"pytest", "_pytest", "py", "pluggy", "iniconfig", "tomli", "colorama"} <= needed
+    assert sorted(needed - checks.SHADOWED) == []
 
 
 def test_unknown_choice_is_refused(tmp_path):
