@@ -380,7 +380,9 @@ def _replay_context(**answers: object) -> dict:
 
 def _generate_by(how: str, out: Path, answers: dict) -> tuple[int, list[str]]:
     """Generates into ``out`` with ``answers`` passed in (``extra_context``), on the command
-    line (``key=value``) or replayed (a replay file); returns the exit code and output lines."""
+    line (``key=value``), typed at the prompts or replayed (a replay file); returns the exit
+    code and output lines."""
+    typed = None
     if how == "extra_context":
         code = (
             "import sys; from cookiecutter.main import cookiecutter; "
@@ -393,12 +395,20 @@ def _generate_by(how: str, out: Path, answers: dict) -> tuple[int, list[str]]:
     elif how == "command_line":
         pairs = [f"{key}={value}" for key, value in answers.items()]
         command = [str(BIN / "cookiecutter"), str(REPO), "--no-input", "-o", str(out), *pairs]
+    elif how == "prompt":  # Enter takes the default; then the first of each choice
+        order = ("project_name", "project_slug", "package_name", "description", "author_name")
+        typed = "".join(f"{answers.get(key, '')}\n" for key in order) + "1\n1\n"
+        command = [str(BIN / "cookiecutter"), str(REPO), "-o", str(out)]
     else:
         replay = out.parent / "replay.json"
         replay.write_text(json.dumps({"cookiecutter": _replay_context(**answers)}))
         command = [str(BIN / "cookiecutter"), str(REPO), "--replay-file", str(replay)]
         command += ["-o", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=out.parent)
+    result = subprocess.run(command, input=typed, capture_output=True, text=True, cwd=out.parent)
+    if how == "prompt":  # what follows the last prompt
+        return result.returncode, (
+            result.stdout.rsplit("(1): ", 1)[-1] + result.stderr
+        ).splitlines()
     return result.returncode, (result.stdout + result.stderr).splitlines()
 
 
@@ -415,7 +425,7 @@ JINJA_ANSWERS = [
 
 
 @pytest.mark.parametrize("payload", JINJA_ANSWERS, ids=["expression", "statement"])
-@pytest.mark.parametrize("how", ["extra_context", "command_line", "replay"])
+@pytest.mark.parametrize("how", ["extra_context", "command_line", "prompt", "replay"])
 @pytest.mark.parametrize("field", ["project_name", "description", "author_name"])
 def test_jinja_in_an_answer_is_kept_as_text(tmp_path, field, how, payload):
     # Cookiecutter renders every string of the context, answers passed in among them; the
@@ -443,13 +453,22 @@ def test_jinja_in_an_answer_is_kept_as_text(tmp_path, field, how, payload):
         assert meta["authors"] == [{"name": text}]
 
 
-@pytest.mark.parametrize("how", ["extra_context", "command_line"])
+@pytest.mark.parametrize("how", ["extra_context", "command_line", "prompt"])
 def test_jinja_in_a_project_name_that_names_the_folder(tmp_path, how):
-    # The folder and package names are derived from the literal text: here too long, refused.
-    marker = tmp_path / "MARKER"
+    # The folder and package names are derived from the literal text.
     out = tmp_path / "out"
     out.mkdir()
-    answer = JINJA_ANSWERS[0].replace("MARKER", str(marker))
+    code, lines = _generate_by(how, out, {"project_name": "{{ name }} {% if 1 %}x{% endif %}"})
+    assert code == 0, lines
+    project = out / "name-if-1-x-endif"
+    readme = (project / "README.md").read_text().splitlines()
+    assert readme[0] == "# {{ name }} {% if 1 %}x{% endif %}"
+    assert (project / "name_if_1_x_endif" / "train.py").is_file()
+    # Here too long a name: refused with one line.
+    marker = tmp_path / "MARKER"
+    out = tmp_path / "out2"
+    out.mkdir()
+    answer = JINJA_ANSWERS[0].replace("MARKER", str(marker)) + " and a long name to go with it"
     code, lines = _generate_by(how, out, {"project_name": answer})
     assert not marker.exists()
     assert code == 1 and len(lines) == 1, lines
