@@ -165,8 +165,19 @@ def _slugify(text: str) -> str:
 
 def check(answers: Mapping[str, Any], returns: str = "yes") -> str:
     """Raises cookiecutter's ``FailedHookException('ERROR: <problem>')`` for a bad answer (its
-    command line prints that one line); returns ``returns`` when all answers are fine."""
-    message = problem(answers)
+    command line prints that one line); returns ``returns`` when all answers are fine.
+    ``cookiecutter.json`` applies it only where the extension is loaded (a replay whose file
+    names ``_extensions`` renders its missing variables without it)."""
+    if "project_name" in answers:
+        message = problem(answers)
+    elif "_extensions" in answers:
+        # A replay renders only the variables its file lacks: here the template's extension.
+        message = (
+            'the replayed context lacks "_extensions": ["hooks.answers.CheckAnswers"], '
+            "which the template needs; replay a file that cookiecutter wrote, or add it."
+        )
+    else:  # a replay that lacks only private variables; checked when the folder is named
+        message = None
     if message is None:
         return returns
     from cookiecutter.exceptions import FailedHookException

@@ -496,6 +496,35 @@ def test_replayed_text_that_cannot_be_written_is_refused(tmp_path, answers, mess
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "missing, error",
+    [
+        (("__answers_checked",), None),
+        (("_extensions", "__answers_checked", "_template", "_repo_dir", "_checkout"),
+         'ERROR: the replayed context lacks "_extensions": ["hooks.answers.CheckAnswers"]'),
+    ],
+)  # fmt: skip
+def test_replay_file_without_private_variables(tmp_path, missing, error):
+    # A hand-written replay file: cookiecutter renders the variables it lacks, with or without
+    # the template's extension. The answers are checked all the same, or one line says why not.
+    context = _replay_context(description="{{ 6 * 7 }}")
+    replay = tmp_path / "replay.json"
+    replay.write_text(json.dumps({"cookiecutter": {k: v for k, v in context.items()
+                                                   if k not in missing}}))  # fmt: skip
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(BIN / "cookiecutter"), str(REPO), "--replay-file", str(replay), "-o", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    lines = (result.stdout + result.stderr).splitlines()
+    if error is None:
+        assert result.returncode == 0, lines
+        assert (out / "x" / "README.md").read_text().splitlines()[2] == "{{ 6 * 7 }}"
+    else:
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(error), lines
+        assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_non_ascii_answers_are_written_as_they_are(tmp_path):
     # tojson wrote an emoji as "\\ud83d\\ude80", which TOML refuses (pip install failed).
     import tomllib
