@@ -25,6 +25,8 @@ ANSWERS = json.loads(
     "project_name": {{ cookiecutter.project_name | tojson }},
     "project_slug": {{ cookiecutter.project_slug | tojson }},
     "package_name": {{ cookiecutter.package_name | tojson }},
+    "description": {{ cookiecutter.description | tojson }},
+    "author_name": {{ cookiecutter.author_name | tojson }},
     "model_api": {{ cookiecutter.model_api | tojson }},
     "parallelism": {{ cookiecutter.parallelism | tojson }},
     "_template_root": {{ template_root | default(cookiecutter._repo_dir) | tojson }}

@@ -299,6 +299,16 @@ BAD_ANSWERS = [
     ({"project_name": "x", "package_name": "match"}, "is a Python keyword"),  # soft keyword
     ({"project_name": "x", "package_name": "jax"}, "would shadow the module 'jax'"),
     ({"project_name": "x", "package_name": "plugins"}, "would shadow the module 'plugins'"),
+    # pytest's own modules and dependencies: the project's tests could not start.
+    ({"project_name": "pluggy"}, "would shadow the module 'pluggy'"),
+    ({"project_name": "iniconfig"}, "would shadow the module 'iniconfig'"),
+    ({"project_name": "py"}, "would shadow the module 'py'"),
+    ({"project_name": "x", "package_name": "_pytest"}, "would shadow the module '_pytest'"),
+    # Text that cannot be written into the project's files.
+    ({"project_name": "x", "description": "a\x00b"}, "description holds the control character"),
+    ({"project_name": "x", "author_name": "a\nb"}, "author_name holds the control character"),
+    ({"project_name": "x\ty"}, "project_name holds the control character '\\t' (U+0009)"),
+    ({"project_name": "x", "author_name": "\udc80"}, "author_name holds '\\udc80', a lone surr"),
 ]
 
 
@@ -328,7 +338,13 @@ def test_pre_generation_hook_rejects_the_same_answers(answers, message):
     assert checks.problem({**full, **GOOD}) is None
 
 
-GOOD = {"project_name": "Good", "project_slug": "good", "package_name": "good_pkg"}
+GOOD = {
+    "project_name": "Good",
+    "project_slug": "good",
+    "package_name": "good_pkg",
+    "description": "Good.",
+    "author_name": "Good",
+}
 
 
 def test_replayed_bad_answer_is_one_line_and_leaves_nothing(tmp_path):
@@ -352,34 +368,262 @@ def test_replayed_bad_answer_is_one_line_and_leaves_nothing(tmp_path):
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def _replay_context(**answers: object) -> dict:
+    """A context as cookiecutter writes it to a replay file, with ``answers``."""
+    return {
+        "project_name": "x", "project_slug": "x", "package_name": "x_pkg",
+        "description": "d", "author_name": "n", "model_api": "nnx", "parallelism": "jit",
+        "_extensions": ["hooks.answers.CheckAnswers"], "__answers_checked": "yes",
+        "_template": str(REPO), "_repo_dir": str(REPO), "_checkout": None, **answers,
+    }  # fmt: skip
+
+
+def _generate_by(how: str, out: Path, answers: dict) -> tuple[int, list[str]]:
+    """Generates into ``out`` with ``answers`` passed in (``extra_context``), on the command
+    line (``key=value``), typed at the prompts or replayed (a replay file); returns the exit
+    code and output lines."""
+    typed = None
+    if how == "extra_context":
+        code = (
+            "import sys; from cookiecutter.main import cookiecutter; "
+            "from cookiecutter.exceptions import FailedHookException\n"
+            f"try: cookiecutter({str(REPO)!r}, no_input=True, extra_context={answers!r}, "
+            f"output_dir={str(out)!r})\n"
+            "except FailedHookException as e: sys.exit(str(e))"
+        )
+        command = [sys.executable, "-c", code]
+    elif how == "command_line":
+        pairs = [f"{key}={value}" for key, value in answers.items()]
+        command = [str(BIN / "cookiecutter"), str(REPO), "--no-input", "-o", str(out), *pairs]
+    elif how == "prompt":  # Enter takes the default; then the first of each choice
+        order = ("project_name", "project_slug", "package_name", "description", "author_name")
+        typed = "".join(f"{answers.get(key, '')}\n" for key in order) + "1\n1\n"
+        command = [str(BIN / "cookiecutter"), str(REPO), "-o", str(out)]
+    else:
+        replay = out.parent / "replay.json"
+        replay.write_text(json.dumps({"cookiecutter": _replay_context(**answers)}))
+        command = [str(BIN / "cookiecutter"), str(REPO), "--replay-file", str(replay)]
+        command += ["-o", str(out)]
+    result = subprocess.run(command, input=typed, capture_output=True, text=True, cwd=out.parent)
+    if how == "prompt":  # what follows the last prompt
+        return result.returncode, (
+            result.stdout.rsplit("(1): ", 1)[-1] + result.stderr
+        ).splitlines()
+    return result.returncode, (result.stdout + result.stderr).splitlines()
+
+
+def _docstring(path: Path) -> str:
+    import ast
+
+    return ast.get_docstring(ast.parse(path.read_text()))
+
+
+JINJA_ANSWERS = [
+    "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}",
+    "{% set x = cycler.__init__.__globals__.os.system('touch MARKER') %}{# c #}{% raw %}",
+]
+
+
+@pytest.mark.parametrize("payload", JINJA_ANSWERS, ids=["expression", "statement"])
+@pytest.mark.parametrize("how", ["extra_context", "command_line", "prompt", "replay"])
+@pytest.mark.parametrize("field", ["project_name", "description", "author_name"])
+def test_jinja_in_an_answer_is_kept_as_text(tmp_path, field, how, payload):
+    # Cookiecutter renders every string of the context, answers passed in among them; the
+    # template's extension renders an answer as the text it holds, as a typed answer is.
+    marker = tmp_path / "MARKER"
+    text = payload.replace("MARKER", str(marker))
+    # Named explicitly: the folder name derived from the text would be too long (below).
+    answers = {field: text, "project_slug": "jinja-answer", "package_name": "jinja_answer"}
+    out = tmp_path / "out"
+    out.mkdir()
+    code, lines = _generate_by(how, out, answers)
+    assert not marker.exists()
+    assert code == 0, lines
+    (project,) = out.iterdir()
+    import tomllib
+
+    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    readme = (project / "README.md").read_text().splitlines()
+    docstring = _docstring(project / "jinja_answer" / "__init__.py")
+    if field == "project_name":
+        assert readme[0] == f"# {text}" and docstring.startswith(f"{text}.\n")
+    elif field == "description":
+        assert meta["description"] == text and readme[2] == text and f"\n{text}\n" in docstring
+    else:
+        assert meta["authors"] == [{"name": text}]
+
+
+@pytest.mark.parametrize("how", ["extra_context", "command_line", "prompt"])
+def test_jinja_in_a_project_name_that_names_the_folder(tmp_path, how):
+    # The folder and package names are derived from the literal text.
+    out = tmp_path / "out"
+    out.mkdir()
+    code, lines = _generate_by(how, out, {"project_name": "{{ name }} {% if 1 %}x{% endif %}"})
+    assert code == 0, lines
+    project = out / "name-if-1-x-endif"
+    readme = (project / "README.md").read_text().splitlines()
+    assert readme[0] == "# {{ name }} {% if 1 %}x{% endif %}"
+    assert (project / "name_if_1_x_endif" / "train.py").is_file()
+    # Here too long a name: refused with one line.
+    marker = tmp_path / "MARKER"
+    out = tmp_path / "out2"
+    out.mkdir()
+    answer = JINJA_ANSWERS[0].replace("MARKER", str(marker)) + " and a long name to go with it"
+    code, lines = _generate_by(how, out, {"project_name": answer})
+    assert not marker.exists()
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("ERROR: project_slug is ") and "characters long" in lines[0]
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "answers, message",
+    [
+        ({"description": "a\x00b"}, "description holds the control character '\\x00' (U+0000)"),
+        ({"project_name": "x\x00"}, "project_name holds the control character '\\x00'"),
+        ({"author_name": "\udc80"}, "author_name holds '\\udc80', a lone surrogate"),
+        ({"description": "\ud83d"}, "description holds '\\ud83d', a lone surrogate"),
+        ({"description": None}, "description must be text, not NoneType (None)."),
+        ({"author_name": ["a"]}, "author_name must be text, not list (['a'])."),
+        ({"project_name": 3}, "project_name must be text, not int (3)."),
+    ],
+)
+def test_replayed_text_that_cannot_be_written_is_refused(tmp_path, answers, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, lines = _generate_by("replay", out, answers)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("ERROR: " + message), lines
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "missing, error",
+    [
+        (("__answers_checked",), None),
+        (("_extensions", "__answers_checked", "_template", "_repo_dir", "_checkout"),
+         'ERROR: the replayed context lacks "_extensions": ["hooks.answers.CheckAnswers"]'),
+    ],
+)  # fmt: skip
+def test_replay_file_without_private_variables(tmp_path, missing, error):
+    # A hand-written replay file: cookiecutter renders the variables it lacks, with or without
+    # the template's extension. The answers are checked all the same, or one line says why not.
+    context = _replay_context(description="{{ 6 * 7 }}")
+    replay = tmp_path / "replay.json"
+    replay.write_text(json.dumps({"cookiecutter": {k: v for k, v in context.items()
+                                                   if k not in missing}}))  # fmt: skip
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(BIN / "cookiecutter"), str(REPO), "--replay-file", str(replay), "-o", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    lines = (result.stdout + result.stderr).splitlines()
+    if error is None:
+        assert result.returncode == 0, lines
+        assert (out / "x" / "README.md").read_text().splitlines()[2] == "{{ 6 * 7 }}"
+    else:
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(error), lines
+        assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_non_ascii_answers_are_written_as_they_are(tmp_path):
+    # tojson wrote an emoji as "\\ud83d\\ude80", which TOML refuses (pip install failed).
+    import tomllib
+
+    description = 'Rockets 🚀 "fly" \\ far -- Ünïcødé, 中文, 🤖'
+    author = "Zoë 🚀 Ångström"
+    project = generate(
+        tmp_path, project_name="Emoji 🚀 net", description=description, author_name=author
+    )
+    text = (project / "pyproject.toml").read_text(encoding="utf-8")
+    assert "\\ud83d" not in text and "🚀" in text
+    meta = tomllib.loads(text)["project"]
+    assert meta["description"] == description and meta["authors"] == [{"name": author}]
+    assert _docstring(project / "emoji_net" / "__init__.py").startswith(
+        f"Emoji 🚀 net.\n\n{description}\n"
+    )
+    # setuptools takes it (the metadata pip builds before installing).
+    (tmp_path / "meta").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from setuptools import build_meta as b; "
+         "print(b.prepare_metadata_for_build_wheel(sys.argv[1]))", str(tmp_path / "meta")],
+        cwd=project, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    metadata = (tmp_path / "meta" / result.stdout.split()[-1] / "METADATA").read_text("utf-8")
+    assert f"Summary: {description}\n" in metadata and f"Author: {author}\n" in metadata
+
+
 def test_shadow_list_covers_what_a_training_run_imports(tmp_path):
-    # A package named like any module a training run imports would shadow it: the answer checks
-    # refuse those names, and this run finds any that the list has missed.
+    # A package named like any module a training run or the project's pytest imports would
+    # shadow it: the answer checks refuse those names, and these runs find any the list missed.
     from hooks import answers as checks
 
     project = generate(tmp_path, project_name="shadow check", parallelism="pmap")
-    run = (
+    dump = "import atexit, sys; atexit.register(lambda: print('MODULES', *sorted(sys.modules)))"
+    train = (
         "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')"
     )
-    dump = "import atexit, sys; atexit.register(lambda: print('MODULES', *sorted(sys.modules)))"
-    result = subprocess.run(
-        [sys.executable, "-c", f"{dump}\n{run}", "main.py", "--config=configs/quick.py",
-         f"--workdir={tmp_path / 'work'}"],
-        cwd=project, env={**os.environ, "PYTHONPATH": str(project)},
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("MODULES ")]
-    top = {name.split(".")[0] for name in line.split()[1:]}
+    collect = "import pytest, sys; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider']))"  # noqa: E501
     stdlib = {name.lower() for name in (*sys.stdlib_module_names, *sys.builtin_module_names)}
     own = {"shadow_check", "configs", "config_config", "cython_runtime"}
-    imported = {
-        name.lower()
-        for name in top - own
-        if not name.startswith("_") and not re.fullmatch(r"[0-9a-f]{40}", name)
-    }
-    assert {"jax", "flax", "optax", "tensorflow"} <= imported  # the run did train
-    assert sorted(imported - stdlib - checks.SHADOWED) == []
+    own |= {path.stem for path in (project / "tests").glob("*.py")}
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    for code, args, expected, extra_env in (
+        (train, ["main.py", "--config=configs/quick.py", f"--workdir={tmp_path / 'work'}"],
+         {"jax", "flax", "optax", "tensorflow"}, {}),  # the run did train
+        # The tests were collected; without this venv's pytest plugins, which the project's
+        # '.[test]' extra does not install.
+        (collect, [], {"pytest", "pluggy", "iniconfig"}, {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}),
+    ):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", f"{dump}\n{code}", *args],
+            cwd=project, env={**env, **extra_env}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith("MODULES ")]
+        top = {name.split(".")[0] for name in line.split()[1:]}
+        imported = {
+            name.lower()
+            for name in top - own
+            if not name.startswith("_") and not re.fullmatch(r"[0-9a-f]{40}", name)
+        }
+        assert expected <= imported
+        assert sorted(imported - stdlib - checks.SHADOWED) == []
+
+
+def test_shadow_list_covers_the_test_tools_and_their_dependencies():
+    # pytest and ruff (the project's test extra) with everything they may need on any platform
+    # and Python the project supports (exceptiongroup and tomli on 3.10, colorama on Windows),
+    # by their installed top-level modules or, when not installed here, by their names.
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    from hooks import answers as checks
+
+    modules_of: dict[str, set[str]] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            modules_of.setdefault(re.sub(r"[-_.]+", "-", dist).lower(), set()).add(module.lower())
+    needed: set[str] = set()
+    todo, seen = ["pytest", "ruff"], set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            requires = []
+        needed |= modules_of.get(name, {name.replace("-", "_")})
+        for text in requires:
+            requirement = Requirement(text)
+            if "extra" not in str(requirement.marker or ""):
+                todo.append(requirement.name)
+    assert {"pytest", "_pytest", "py", "pluggy", "iniconfig", "tomli", "colorama"} <= needed
+    assert sorted(needed - checks.SHADOWED) == []
 
 
 def test_unknown_choice_is_refused(tmp_path):
