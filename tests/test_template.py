@@ -36,6 +36,7 @@ SHIPPED = {
     "configs/quick.py",
     "configs/mnist.py",
     "configs/cifar10.py",
+    "configs/vit_cifar10.py",
     "tests/conftest.py",
     "tests/test_config_errors.py",
     "tests/test_train.py",

@@ -350,7 +350,7 @@ def test_override_that_does_not_divide_is_one_line(tmp_path):
     assert not workdir.exists()
 
 
-@pytest.mark.parametrize("name", ["default", "quick", "mnist", "cifar10"])
+@pytest.mark.parametrize("name", ["default", "quick", "mnist", "cifar10", "vit_cifar10"])
 def test_every_optimizer_key_is_in_every_config_file(name):
     # The config is locked: only keys the file holds can be set with --config.optimizer.<key>.
     from importlib import import_module
