@@ -4,6 +4,7 @@
     python _driver.py throughput PACKAGE STEPS [BLOCKS]
     python _driver.py tta PACKAGE PARENT_START_TIME WORKDIR CACHE_DIR
     python _driver.py resnet PACKAGE BLOCKS STEPS_PER_BLOCK BATCH STAGES FILTERS HALF
+    python _driver.py fsdp PACKAGE BLOCKS STEPS_PER_BLOCK WIDTH DEPTH BATCH
 
 Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
 
@@ -596,8 +597,74 @@ def tta(package: str, parent_start: str, workdir: str, cache_dir: str) -> dict:
     )
 
 
+def fsdp(package: str, blocks: str, steps: str, width: str, depth: str, batch: str) -> dict:
+    """The variant's train step on a ViT (CIFAR-10-shaped random images, one fixed batch placed
+    once) with ``mesh=dict(data=-1, fsdp=1)`` and with ``fsdp=8``, built side by side in this
+    process and timed in alternating blocks; bytes per device of each placed train state."""
+    blocks, n = int(blocks), int(steps)
+    import jax
+    import ml_collections
+    import numpy as np
+    from configs import default
+
+    from plugins import data, metrics, sharding
+
+    config = default.get_config()
+    config.batch_size = int(batch)
+    config.model = ml_collections.ConfigDict(
+        dict(name="vit", patch_size=4, width=int(width), depth=int(depth), num_heads=4)
+    )
+    rng = np.random.default_rng(0)
+    host = data.example_batch(CIFAR10_SHAPE, config.batch_size)
+    host["image"] = rng.random(host["image"].shape, np.float32)
+    host["label"] = rng.integers(0, CIFAR10_CLASSES, config.batch_size).astype(np.int32)
+    loops, held, losses = [], {}, {}
+    for name, fsdp_size in (("data", 1), ("fsdp", 8)):
+        config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp_size))
+        built = build(package, config, CIFAR10_CLASSES, CIFAR10_SHAPE)
+        dp = built.dp
+        state = dp.put_state(built.state)
+        held[name] = max(sharding.bytes_per_device(state).values())
+        empty = dp.put_state(metrics.TrainMetrics.empty())
+        batch = next(dp.train_batches([host]))
+        compiled = built.train_step.lower(state, empty, batch).compile()
+        batch = jax.device_put(batch, compiled.input_shardings[0][2])
+        run = {"state": state}
+
+        def block(
+            steps: int, run=run, step=built.train_step, empty=empty, batch=batch, dp=dp
+        ) -> None:
+            state, acc = run["state"], empty
+            for i in range(steps):
+                state, acc = step(state, acc, batch)
+                if i % 10 == 9:
+                    jax.block_until_ready(acc)
+            run["loss"] = metrics.scalars(dp.to_host(acc))["train_loss"]
+            run["state"] = state
+
+        block(1)
+        losses[name] = run["loss"]
+        loops.append((name, block))
+    for _, block in loops:  # warm up
+        block(n)
+    times, _ = _rotate(loops, blocks, n)
+    return dict(
+        devices=jax.device_count(),
+        **_paired_ratio(times["fsdp"], times["data"]),
+        data_steps_per_s=n / statistics.median(times["data"]),
+        fsdp_steps_per_s=n / statistics.median(times["fsdp"]),
+        data_bytes_per_device=held["data"],
+        fsdp_bytes_per_device=held["fsdp"],
+        first_loss_diff=abs(losses["data"] - losses["fsdp"]),
+        steps=blocks * n,
+    )
+
+
 if __name__ == "__main__":
     mode, package, *args = sys.argv[1:]
-    modes = {"overhead": overhead, "throughput": throughput, "tta": tta, "resnet": resnet}
+    modes = {
+        "overhead": overhead, "throughput": throughput, "tta": tta, "resnet": resnet,
+        "fsdp": fsdp,
+    }  # fmt: skip
     result = modes[mode](package, *args)
     print(json.dumps(result), flush=True)

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "accumulation": "benchmarks.bench_accumulation",
     "pmap_floor": "benchmarks.bench_pmap_floor",
     "grad_layout": "benchmarks.bench_grad_layout",
+    "fsdp": "benchmarks.bench_fsdp",
     "resnet": "benchmarks.bench_resnet",
 }
 # Run by default only where JAX's default backend is an accelerator (name them to run anyway).
