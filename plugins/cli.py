@@ -80,10 +80,18 @@ class QuietLibraries(std_logging.Filter):
     clu's progress notes (steps/s, percent done, ETA) stay."""
 
     NOISY = ("/orbax/", "/tensorflow_datasets/")
+    # orbax's errors (with tracebacks) on a full disk or a damaged checkpoint: the run's own
+    # line says what happened and what is intact (``one_line_errors``, ``loop.fit``'s warning).
+    ORBAX_FAILURES = ("No space left on device", "RESOURCE_EXHAUSTED", "Failed to json parse")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         path = record.pathname.replace("\\", "/")
         if "/orbax/" in path and str(record.msg).startswith("Metadata file does not exist"):
+            return False
+        if "/orbax/" in path and any(
+            text in record.getMessage() or text in str(record.exc_info)
+            for text in self.ORBAX_FAILURES
+        ):
             return False
         if "/clu/" in path and str(record.msg).startswith("Created artifact"):
             return False  # clu's note of each timing it records
@@ -128,10 +136,12 @@ def exit_interrupted(*_: Any) -> None:
     os._exit(130)
 
 
-def start(argv: Sequence[str], config_flag: Any, workdir: str) -> Any:
+def start(argv: Sequence[str], config_flag: Any, workdir: str, *, train: bool = True) -> Any:
     """Everything ``main`` does before training; returns the loaded config.
 
-    Refuses stray arguments and a workdir that cannot be written (one line each, at once),
+    Refuses stray arguments, a workdir that cannot be written and, to ``train``, a workdir
+    another live run trains in (its lock, ``config_cli.workdir_lock``, is taken by
+    ``loop.fit``; one line each, at once, writing nothing; eval, predict and export only read),
     quietens library logs, makes Ctrl-C outside the training steps (which save a checkpoint
     first) one line and exit code 130, joins the other processes when a coordinator is given
     (flags, the ``JAX_COORDINATOR_ADDRESS`` ... variables, or a cluster JAX detects itself) and
@@ -153,6 +163,9 @@ def start(argv: Sequence[str], config_flag: Any, workdir: str) -> Any:
     )
     import jax
 
+    busy = config_cli.workdir_in_use(workdir, jax.process_index()) if train else None
+    if busy:
+        sys.exit(f"workdir error: {busy}")
     enable_compilation_cache(compilation_cache_dir(FLAGS.compilation_cache_dir))
     logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())  # fmt: skip
@@ -168,8 +181,10 @@ def one_line_errors() -> Iterator[None]:
     saved): its line, exit 143 or 130. A NaN/Inf without ``optimizer.skip_nonfinite``
     (``loop.NonFiniteError``, the last good checkpoint intact): ``non-finite: ...``, exit 1. A
     dataset that can be neither read nor downloaded: ``data error: ...``, exit 1. No checkpoint to
-    evaluate (``loop.CheckpointNotFound``): ``workdir error: ...``, exit 1. Ctrl-C twice: exit 130
-    at once.
+    evaluate (``loop.CheckpointNotFound``), a damaged one asked for by step
+    (``loop.CheckpointDamaged``), a full disk (``loop.NoSpaceLeft``: the previous checkpoint
+    intact) or a workdir another run holds (``config_cli.WorkdirBusy``): ``workdir error: ...``,
+    exit 1. Ctrl-C twice: exit 130 at once.
     """
     from plugins import export, loop
     from plugins.config_errors import ConfigError
@@ -186,8 +201,10 @@ def one_line_errors() -> Iterator[None]:
         _exit(f"non-finite: {error}")
     except DatasetUnavailable as error:  # e.g. MNIST without network
         _exit(f"data error: {error}")
-    except loop.CheckpointNotFound as error:  # --mode=eval of a workdir without one
-        _exit(f"workdir error: {error}")
+    except (loop.CheckpointNotFound, loop.WorkdirError, config_cli.WorkdirBusy) as error:
+        # --mode=eval of a workdir without a checkpoint, a damaged one, a full disk, a
+        # workdir another run trains in
+        _exit(f"workdir error: {' '.join(str(error).split())}")
     except export.ImagesError as error:  # --mode=predict
         _exit(f"images error: {error}")
     except KeyboardInterrupt:  # Ctrl-C twice in the training steps

@@ -5,7 +5,9 @@ what it met on the way: ``flags.Error`` for a value of the wrong type, ``SyntaxE
 file, ``AttributeError``/``KeyError`` for an override of a key the (locked) config lacks, and an
 ``OSError`` on first use of a file that could not be read. These functions turn each into the
 one line a user needs; the generated project's ``main.py`` and ``plugins-lr-curve`` share them.
-``workdir_problem`` checks a ``--workdir`` up front, before anything is loaded or compiled.
+``workdir_problem`` checks a ``--workdir`` up front, before anything is loaded or compiled;
+``workdir_path`` is what every part of a run makes of it (URLs kept, ``~`` expanded) and
+``workdir_lock`` keeps a second run out of a workdir being trained in.
 
     try:
         FLAGS(argv)
@@ -16,12 +18,25 @@ one line a user needs; the generated project's ``main.py`` and ``plugins-lr-curv
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import os
 import re
+import socket
 import sys
+import urllib.parse
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from absl import flags
+from absl import flags, logging
+
+try:
+    import fcntl
+except ImportError:  # Windows: no workdir lock
+    fcntl = None
+
+if TYPE_CHECKING:
+    from etils import epath
 
 # What parsing such flags raises for a user's mistake.
 PARSE_ERRORS = (flags.Error, SyntaxError, AttributeError, KeyError)
@@ -151,13 +166,60 @@ def load_error_line(error: OSError, argv: Sequence[str]) -> str:
     return cannot_load_line(argv, found.group(1) if found else text)
 
 
+# A URL's scheme (``gs://``, ``s3://``, ``file://``): such workdirs go to orbax and TensorBoard as
+# they are written.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+EMPTY_WORKDIR = (
+    "--workdir is empty: name a directory for checkpoints and TensorBoard events, "
+    "e.g. --workdir=runs/first"
+)
+
+
+def is_remote(workdir: str) -> bool:
+    """Whether ``workdir`` is a URL other than ``file://`` (``gs://bucket/run``, ...)."""
+    return bool(_URL.match(workdir)) and not workdir.startswith("file://")
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """The workdir as every part of a run uses it (orbax, TensorBoard, the lock, the config and
+    plot files): an ``etils.epath.Path``.
+
+    A remote URL (``gs://bucket/run``) is passed through untouched; a ``file://`` URL is its local
+    path; a local path has ``~`` expanded and is made absolute (``~/x`` means ``$HOME/x``
+    everywhere). An empty workdir raises ``ValueError`` (it would mean the current folder).
+    """
+    from etils import epath
+
+    if isinstance(workdir, epath.Path):
+        workdir = os.fspath(workdir)
+    workdir = os.fspath(workdir)
+    if not workdir.strip():
+        raise ValueError(EMPTY_WORKDIR)
+    if is_remote(workdir):
+        return epath.Path(workdir)
+    if workdir.startswith("file://"):
+        parsed = urllib.parse.urlparse(workdir)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{workdir}: a file:// URL names a local path (file:///path)")
+        workdir = urllib.parse.unquote(parsed.path)
+    return epath.Path(os.path.abspath(os.path.expanduser(workdir)))
+
+
 def workdir_problem(workdir: str) -> str | None:
-    """Why a run could not write to ``workdir`` (a file, not writable, under a file), or None.
+    """Why a run could not write to ``workdir`` (empty, a file, not writable, under a file), or
+    None.
 
     Creates nothing: a directory that does not exist yet is fine when its nearest existing
-    parent is a directory this process can write to.
+    parent is a directory this process can write to. A remote URL (``gs://...``) is not checked
+    here (that needs the network): orbax and TensorBoard report what they meet.
     """
-    path = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        resolved = workdir_path(workdir)
+    except ValueError as error:
+        return str(error)
+    if is_remote(workdir):
+        return None
+    path = os.fspath(resolved)
     if os.path.exists(path):
         if not os.path.isdir(path):
             return f"{workdir} is a file, not a directory"
@@ -172,3 +234,126 @@ def workdir_problem(workdir: str) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{workdir} cannot be created: {parent} is not writable"
     return None
+
+
+# ----------------------------------------------------------------------------- the workdir lock
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirBusy(RuntimeError):
+    """Another run (a live process) holds the workdir's lock."""
+
+
+def lock_file(workdir: epath.Path, process_index: int = 0) -> epath.Path:
+    """The lock file of ``process_index`` in ``workdir``: ``.lock`` (process 0), ``.lock.<i>``."""
+    return workdir / (LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.{process_index}")
+
+
+def _holder(path: str) -> str:
+    """``process PID on HOST since TIME`` as the holder wrote it in its lock file."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            info = json.load(file)
+        return f"process {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # written a moment after it was taken
+        return "another process"
+
+
+def _busy_line(workdir: epath.Path, path: str) -> str:
+    return (
+        f"{workdir} is in use by {_holder(path)} (it holds {path}); wait for that run to end, "
+        "or use another --workdir"
+    )
+
+
+# Lock files this process holds: {path: [file descriptor, how many holders]}.
+_HELD: dict[str, list[int]] = {}
+
+
+def workdir_in_use(workdir: str | os.PathLike, process_index: int = 0) -> str | None:
+    """Why ``workdir`` cannot be trained in now (another live process holds its lock), or None.
+
+    Writes nothing: it only tries the lock file, if there is one, and lets it go.
+    """
+    try:
+        resolved = workdir_path(workdir)
+    except ValueError:
+        return None
+    if is_remote(os.fspath(workdir)):
+        return None
+    path = os.fspath(lock_file(resolved, process_index))
+    if fcntl is None or path in _HELD or not os.path.isfile(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _busy_line(resolved, path)
+    except OSError:  # a file system without locks: the lock taken by the run says so
+        return None
+    finally:
+        os.close(fd)  # releases the lock, if taken
+    return None
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike, process_index: int = 0) -> Iterator[None]:
+    """Holds ``workdir``'s lock while training in it; raises :class:`WorkdirBusy` at once when a
+    live process holds it.
+
+    The lock is ``fcntl.flock`` on ``<workdir>/.lock`` (``.lock.<i>`` for process ``i`` of a
+    multi-process run: each process locks its own, so a second multi-process run into the same
+    shared workdir is refused on every process). The operating system drops it when its process
+    ends, however it ends (SIGKILL included), so a killed run never leaves the workdir stuck;
+    the file stays, naming the last holder. Re-entrant within one process.
+
+    Limits: a remote workdir (``gs://...``) is not locked (object stores have no locks); on a
+    network file system the lock holds across machines only where the file system implements
+    ``flock`` for its clients (NFSv4 and Lustre do; NFSv3 without ``lockd``, some FUSE and SMB
+    mounts lock per machine only, or not at all: then a warning says so and training goes on).
+    """
+    resolved = workdir_path(workdir)
+    if is_remote(os.fspath(workdir)):
+        logging.info("%s is remote: not locked (only local and network file systems are)", workdir)
+        yield
+        return
+    path = os.fspath(lock_file(resolved, process_index))
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[path][1] -= 1
+        return
+    resolved.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is None:
+            raise OSError("no fcntl on this system")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WorkdirBusy(_busy_line(resolved, path)) from None
+    except OSError as error:  # e.g. ENOLCK: a file system without locks
+        logging.warning("%s cannot be locked (%s): nothing stops a second run into it", path, error)
+        os.close(fd)
+        fd = None
+    if fd is None:
+        yield
+        return
+    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=since))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (info + "\n").encode(), 0)
+    _HELD[path] = [fd, 1]
+    try:
+        yield
+    finally:
+        _HELD[path][1] -= 1
+        if not _HELD[path][1]:
+            del _HELD[path]
+            os.close(fd)  # releases the lock

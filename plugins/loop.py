@@ -26,21 +26,40 @@ background while the model is built and its steps compile.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import gc
+import json
+import logging as std_logging
 import math
 import os
 import signal
+import sys
+import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from plugins import config_errors, data, losses, masks, metrics, optim, schedules, tensorflow_setup
+from plugins import (
+    config_cli,
+    config_errors,
+    data,
+    losses,
+    masks,
+    metrics,
+    optim,
+    schedules,
+    tensorflow_setup,
+)
 
 History = dict[str, list[tuple[int, float]]]
 
@@ -263,20 +282,120 @@ def prepare(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_mismatch(directory: Path, target: Any) -> str | None:
-    """How the arrays saved in ``directory`` differ from ``target``'s (paths and shapes), or
-    ``None`` when they fit (or the checkpoint's metadata cannot be read: restore will tell)."""
-    try:
-        metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata
-    except Exception:  # noqa: BLE001 -- an unreadable layout is left for restore to report
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used as it is (``main.py``: ``workdir error: ...``, exit code 1)."""
+
+
+class CheckpointDamaged(WorkdirError):
+    """The checkpoint of ``step`` in ``directory`` cannot be used: ``why`` (a missing, truncated or
+    changed file, unreadable metadata, an array that does not match its checksum, NaN/Inf)."""
+
+    def __init__(self, directory: Any, step: int, why: str) -> None:
+        super().__init__(f"the checkpoint of step {step} in {directory} is damaged: {why}")
+        self.directory, self.step, self.why = directory, step, why
+
+
+class NoSpaceLeft(WorkdirError):
+    """A checkpoint (or another file of the run) could not be written: the device is full."""
+
+
+# Where the per-array checksums go in a step's ``_CHECKPOINT_METADATA`` (orbax's custom metadata).
+CHECKSUMS_KEY = "plugins_crc32"
+
+
+def _host_bytes(leaf: Any) -> list[tuple[str, np.ndarray]]:
+    """``[(shard index, host array)]`` of ``leaf`` as checksummed: the whole array (``''``)
+    when this process holds all of it, else each of its own shards, named by their index."""
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
+        return [
+            (str(tuple((i.start, i.stop) for i in shard.index)), np.asarray(shard.data))
+            for shard in leaf.addressable_shards
+            if shard.replica_id == 0
+        ]
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = leaf.addressable_data(0)  # replicated over the processes: one whole copy
+    return [("", np.asarray(leaf))]
+
+
+def checksums(tree: Any) -> dict[str, dict[str, int]]:
+    """``{path: {shard index or '': crc32}}`` of every array of ``tree``: the bytes as on the
+    host, so a changed byte in a checkpoint's data shows after restore.
+
+    Costs one copy of the arrays to the host and a CRC32 over them (GB/s) per save and restore:
+    small next to the save itself for this template's models. An array spread over several
+    processes (multi-host FSDP) is summed shard by shard, over the shards this process holds
+    (process 0 saves the sums: the other processes' shards are left unchecked).
+    """
+    sums: dict[str, dict[str, int]] = {}
+    for path, leaf in zip(masks.path_strings(tree), jax.tree.leaves(tree), strict=True):
+        sums[path] = {
+            index: zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            for index, array in _host_bytes(leaf)
+        }
+    return sums
+
+
+def checksum_mismatch(saved: dict[str, dict[str, int]], tree: Any) -> str | None:
+    """The first array of ``tree`` whose checksum differs from ``saved`` (:func:`checksums` of
+    what was saved), or None. Shards not in ``saved`` (another layout) are not compared."""
+    for path, sums in checksums(tree).items():
+        for index, crc in sums.items():
+            if path in saved and index in saved[path] and saved[path][index] != crc:
+                return f"{path!r} does not match the checksum saved with it (a changed byte)"
+    return None
+
+
+def _read_checksums(step_dir: Any) -> dict[str, dict[str, int]] | None:
+    """The checksums saved with a checkpoint (``None``: written by a version without them);
+    raises ``ValueError`` when its ``_CHECKPOINT_METADATA`` is unreadable."""
+    path = step_dir / "_CHECKPOINT_METADATA"
+    if not path.exists():
         return None
-    metadata = getattr(metadata, "tree", metadata)
+    try:
+        sums = (json.loads(path.read_text()).get("custom_metadata") or {}).get(CHECKSUMS_KEY)
+    except (ValueError, AttributeError, OSError) as error:
+        raise ValueError(f"its {path.name} cannot be read ({_first_line(error)})") from None
+    return sums if isinstance(sums, dict) else None
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """``Type: the first line of the message``, cut at ``limit`` characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    line = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _stored_tree(item_dir: Any) -> Any:
+    """The array tree a checkpoint item's metadata lists; raises ``ValueError`` when it
+    cannot be read or lists nothing."""
+    if not item_dir.is_dir():
+        raise ValueError(
+            f"it has no {item_dir.name!r} folder (an empty or partly deleted checkpoint)"
+        )
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
+    except Exception as error:  # noqa: BLE001 -- any unreadable layout is damage
+        raise ValueError(f"its metadata cannot be read ({_first_line(error)})") from None
+    tree = getattr(metadata, "tree", metadata)
+    if not jax.tree.leaves(tree):
+        raise ValueError(
+            "its metadata lists no arrays (a file of it is missing, cut short or garbled)"
+        )
+    return tree
+
+
+def checkpoint_mismatch(directory: Any, target: Any) -> str | None:
+    """How the arrays saved in ``directory`` differ from ``target``'s (paths and shapes), or
+    ``None`` when they fit. Raises ``ValueError`` when the checkpoint's metadata cannot be read
+    (damage, not a mismatch)."""
 
     def shape_of(tree: Any) -> dict[str, tuple[int, ...]]:
         paths, leaves = masks.path_strings(tree), jax.tree.leaves(tree)
         return {p: tuple(getattr(x, "shape", ())) for p, x in zip(paths, leaves, strict=True)}
 
-    stored, wanted = shape_of(metadata), shape_of(target)
+    stored, wanted = shape_of(_stored_tree(directory)), shape_of(target)
     state_paths = [p for p in wanted if p.startswith("state/")]
     if state_paths and not any(p in stored for p in state_paths):
         return (
@@ -296,7 +415,7 @@ def checkpoint_mismatch(directory: Path, target: Any) -> str | None:
     return None
 
 
-def _checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
+def _checkpoint_manager(workdir: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         workdir / "checkpoints",
         # orbax writes a checkpoint into '<step>.orbax-checkpoint-tmp' and renames it when
@@ -308,22 +427,154 @@ def _checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
     )
 
 
+class _FailedReadNoise(std_logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's failed reads of a
+    damaged checkpoint and failed writes to a full disk (each is reported in one line)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        text = str(record.msg) + repr(record.args) + repr(getattr(record, "exc_info", ""))
+        return not ("never retrieved" in text and ("tensorstore" in text or "orbax" in text))
+
+
+def _unraisable_hook(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``sys.unraisablehook`` without the coroutines and event loops orbax leaves behind when
+    a read of a damaged checkpoint fails (each else prints a traceback on stderr, at garbage
+    collection, after the failure was reported in one line)."""
+
+    def hook(unraisable: Any) -> None:
+        error, frames = unraisable.exc_value, []
+        traceback = getattr(error, "__traceback__", None)
+        while traceback is not None:
+            frames.append(traceback.tb_frame.f_code.co_filename)
+            traceback = traceback.tb_next
+        from_orbax = any("/orbax/" in f for f in frames) or "orbax" in repr(unraisable.object)
+        closed = isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+        if not (from_orbax or closed):
+            previous(unraisable)
+
+    hook.plugins_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _quiet_orbax_failures() -> None:
+    """Keeps the tracebacks orbax's failed reads and writes leave behind off stderr (installed
+    once, on the first damaged checkpoint or full disk met)."""
+    if not getattr(sys.unraisablehook, "plugins_quiet", False):
+        sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadNoise) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_FailedReadNoise())
+
+
+def _agreed(bad: bool) -> bool:
+    """``bad`` as process 0 found it, on every process (each decides the same)."""
+    if jax.process_count() == 1:
+        return bad
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bad)))
+
+
 def _restore(
     checkpoints: ocp.CheckpointManager, step: int, state: Any, train_metrics: Any, parallel: Any
 ) -> tuple[Any, Any]:
-    """The state and train metrics saved at ``step``, placed as the steps take them."""
+    """The state and train metrics saved at ``step``, placed as the steps take them.
+
+    Raises :class:`CheckpointDamaged` for a checkpoint that cannot be what was saved (a file
+    missing, truncated or changed, unreadable metadata, an array that does not match its
+    checksum, NaN/Inf, which no save writes) and ``ConfigError`` for one written for another
+    model or optimizer (its arrays have other names or shapes).
+    """
+    step_dir = checkpoints.directory / str(step)
+
+    def damaged(why: str) -> CheckpointDamaged:
+        return CheckpointDamaged(checkpoints.directory, step, why)
+
     # Restore straight into the layout checkpoints are saved from (global arrays under jit).
     saved = dict(state=parallel.host_state(state), train_metrics=parallel.host_state(train_metrics))
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
-    mismatch = checkpoint_mismatch(checkpoints.directory / str(step) / "default", target)
+    try:
+        sums = _read_checksums(step_dir)
+        mismatch = checkpoint_mismatch(step_dir / "default", target)
+    except ValueError as error:
+        raise damaged(str(error)) from None
     if mismatch:
         raise config_errors.ConfigError(
             f"the checkpoint of step {step} in {checkpoints.directory} was written for a "
             f"different model or optimizer ({mismatch}); rerun with the config it was "
             "trained with, or start afresh with a new --workdir"
         )
-    restored = checkpoints.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+        restored = checkpoints.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as error:  # noqa: BLE001 -- a file missing, truncated or garbled
+        _quiet_orbax_failures()
+        gc.collect()  # orbax's failed reads, now, while their noise is filtered
+        raise damaged(f"its data cannot be read ({_first_line(error)})") from None
+    wrong = checksum_mismatch(sums, restored) if sums and jax.process_index() == 0 else None
+    if _agreed(bool(wrong)):
+        raise damaged(wrong or "an array does not match the checksum saved with it")
+    if not bool(metrics.all_finite(restored)):
+        raise damaged("it holds NaN/Inf, which no save writes: it was changed after saving")
     return parallel.put_state(restored["state"]), parallel.put_state(restored["train_metrics"])
+
+
+def _move_aside(checkpoints: ocp.CheckpointManager, step: int) -> Any:
+    """Renames the damaged checkpoint of ``step`` to ``<step>.damaged`` (``.damaged-2`` ...
+    when taken), out of orbax's sight, and returns where it went (process 0 moves it)."""
+    source = checkpoints.directory / str(step)
+    target = checkpoints.directory / f"{step}.damaged"
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoints.directory / f"{step}.damaged-{n}"
+    if jax.process_index() == 0:
+        source.rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"plugins.loop: moved step {step} aside")
+    checkpoints.reload()
+    return target
+
+
+def _resume(
+    checkpoints: ocp.CheckpointManager,
+    state: Any,
+    train_metrics: Any,
+    parallel: Any,
+    *,
+    step: int | None = None,
+    move_aside: bool,
+) -> tuple[int, Any, Any]:
+    """``(step, state, train_metrics)`` of the newest intact checkpoint (at or before ``step``
+    if given), or ``(0, state, train_metrics)`` as given when there is none.
+
+    A damaged one on the way is named in a warning and, with ``move_aside`` (training), renamed
+    to ``<step>.damaged``; without, left where it is (evaluation writes nothing).
+    """
+    steps = sorted((s for s in checkpoints.all_steps() if step is None or s <= step), reverse=True)
+    for candidate in steps:
+        try:
+            restored = _restore(checkpoints, candidate, state, train_metrics, parallel)
+        except CheckpointDamaged as damage:
+            older = [s for s in steps if s < candidate]
+            then = f"trying step {older[0]}" if older else "no older checkpoint is left"
+            if move_aside:
+                try:
+                    where = _move_aside(checkpoints, candidate)
+                except OSError as error:
+                    raise WorkdirError(
+                        f"{damage}; it could not be moved aside ({_first_line(error)}): move or "
+                        "delete it, then rerun"
+                    ) from None
+                logging.warning("%s; moved it to %s, %s.", damage, where, then)
+            else:
+                logging.warning("%s; left in place, %s.", damage, then)
+            continue
+        return candidate, *restored
+    if steps:
+        logging.warning("No intact checkpoint in %s: starting from step 0.", checkpoints.directory)
+    return 0, state, train_metrics
 
 
 # ----------------------------------------------------------------------------- files
@@ -357,18 +608,41 @@ def config_file_text(config: ml_collections.ConfigDict) -> str:
     )
 
 
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(temporary path)``, then renames it to ``path``: a kill never leaves half."""
-    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
-    write(partial)
-    os.replace(partial, path)
+def _write_atomically(path: Any, write: Callable[[Path], Any]) -> None:
+    """``write(temporary local path)``, then renames it to ``path`` (an ``epath.Path``): a kill
+    never leaves half. A remote ``path`` gets the file's bytes in one write."""
+    if isinstance(path, Path) or not config_cli.is_remote(os.fspath(path)):
+        partial = Path(path).with_name(f"{path.stem}.partial{path.suffix}")
+        write(partial)
+        os.replace(partial, path)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / path.name
+        write(local)
+        path.write_bytes(local.read_bytes())
 
 
-def _save_plot(optimizer_config: Any, *, total_steps: int, path: Path) -> None:
-    _write_atomically(
-        path,
-        lambda p: schedules.save_plot(optimizer_config, total_steps=total_steps, path=p),
-    )
+def _save_plot(optimizer_config: Any, *, total_steps: int, path: Any) -> None:
+    try:
+        _write_atomically(
+            path,
+            lambda p: schedules.save_plot(optimizer_config, total_steps=total_steps, path=p),
+        )
+    except OSError as error:  # e.g. the disk is full: the run's own errors say so
+        logging.warning("The learning-rate plot %s was not written: %s", path, error)
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or one it wraps, or its message) says the device is full."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "ENOSPC" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -435,20 +709,77 @@ def fit(
     Returns:
       Every logged scalar: ``{name: [(step, value), ...]}``.
     """
+    workdir_path = _workdir(workdir)
+    with config_cli.workdir_lock(workdir_path, jax.process_index()):
+        try:
+            return _fit(
+                config, workdir_path, state=state, train_step=train_step, eval_step=eval_step,
+                parallel=parallel, train_batches=train_batches, eval_batches=eval_batches,
+                input_shape=input_shape,
+            )  # fmt: skip
+        except NoSpaceLeft:
+            raise
+        except Exception as error:
+            if not _no_space(error):
+                raise
+            _quiet_orbax_failures()
+            raise NoSpaceLeft(
+                f"no space left on device while writing in {workdir_path}; "
+                f"{_intact(workdir_path / 'checkpoints')}"
+            ) from None
+
+
+def _workdir(workdir: Any) -> Any:
+    """``config_cli.workdir_path(workdir)``; an empty one is a :class:`WorkdirError`."""
+    try:
+        return config_cli.workdir_path(workdir)
+    except ValueError as error:
+        raise WorkdirError(str(error)) from None
+
+
+def _intact(directory: Any, before: int | None = None) -> str:
+    """``the previous checkpoint (step M) is intact`` for the newest complete checkpoint in
+    ``directory`` (before step ``before``), or that there is none."""
+    try:
+        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    except OSError:
+        steps = []
+    steps = [s for s in steps if before is None or s < before]
+    if not steps:
+        return "no checkpoint was saved before it"
+    return (
+        f"the previous checkpoint (step {max(steps)}) is intact; free some space and rerun to "
+        "resume from it"
+    )
+
+
+def _fit(
+    config: ml_collections.ConfigDict,
+    workdir_path: Any,
+    *,
+    state: Any,
+    train_step: Any,
+    eval_step: Any,
+    parallel: Parallel,
+    train_batches: Callable[[int], Iterator[dict]],
+    eval_batches: Callable[[], Iterable[dict]],
+    input_shape: Sequence[int],
+) -> History:
     total_steps = config.num_train_steps
-    workdir_path = Path(workdir).absolute()
     is_chief = jax.process_index() == 0
     checkpoints = _checkpoint_manager(workdir_path)
     state = parallel.put_state(state)
     empty_train = parallel.put_state(metrics.TrainMetrics.empty())
-    accumulated = empty_train  # train metrics since the last log step
-    initial_step = checkpoints.latest_step() or 0
+    # The newest intact checkpoint, with the train metrics since the last log step; a damaged
+    # one is named in a warning and moved aside to '<step>.damaged'.
+    try:
+        initial_step, state, accumulated = _resume(
+            checkpoints, state, empty_train, parallel, move_aside=True
+        )
+    except BaseException:
+        checkpoints.close()
+        raise
     if initial_step:
-        try:
-            state, accumulated = _restore(checkpoints, initial_step, state, empty_train, parallel)
-        except BaseException:
-            checkpoints.close()
-            raise
         logging.info("Resumed from the checkpoint of step %d in %s", initial_step, workdir_path)
 
     # Compiled now, while TensorFlow imports, on zeros in the form the steps take batches; the
@@ -556,7 +887,42 @@ def fit(
                 f"the train state holds NaN/Inf at step {step}{why}; not saved: {kept()}",
             )
         writer.flush()  # what was logged up to this checkpoint is on disk before it exists
-        checkpoints.save(step, args=ocp.args.StandardSave(saved))
+        finish_saves()
+        # Per-array checksums, verified on restore (a changed byte is damage, not a resume).
+        sums = checksums(saved) if is_chief else {}
+        try:
+            checkpoints.save(
+                step, args=ocp.args.StandardSave(saved), custom_metadata={CHECKSUMS_KEY: sums}
+            )
+        except Exception as error:
+            if _no_space(error):
+                raise disk_full(step) from None
+            raise
+        saving[0] = step
+
+    saving: list[int | None] = [None]  # the step whose checkpoint may still be being written
+
+    def disk_full(step: int) -> NoSpaceLeft:
+        """The error for a save of ``step`` that failed for lack of space; its partial folder
+        is removed (orbax would remove it on the next start) to give the space back."""
+        _quiet_orbax_failures()
+        for partial in checkpoints.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            with contextlib.suppress(OSError):
+                partial.rmtree()
+        return NoSpaceLeft(
+            f"no space left on device while saving the checkpoint of step {step} in "
+            f"{checkpoints.directory}; {_intact(checkpoints.directory, before=step)}"
+        )
+
+    def finish_saves() -> None:
+        """Waits for the checkpoint being written in the background; a failure to write it for
+        lack of space is :class:`NoSpaceLeft` naming its step."""
+        try:
+            checkpoints.wait_until_finished()
+        except Exception as error:
+            if _no_space(error) and saving[0] is not None:
+                raise disk_full(saving[0]) from None
+            raise
 
     report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
@@ -604,14 +970,17 @@ def fit(
                 logging.info("Already trained %d steps; evaluating only.", initial_step)
                 write(initial_step, evaluate(state))
     finally:
-        profile.stop()
-        if hasattr(host_batches, "close"):
-            host_batches.close()
-        checkpoints.wait_until_finished()  # a checkpoint being written is completed
-        checkpoints.close()
-        if plot_thread is not None:
-            plot_thread.join()
-        writer.close()
+        # Every step runs, whatever the ones before raise (the first error is raised): no
+        # thread of the run may outlive it (one that does aborts the interpreter's exit).
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(writer.close)
+            if plot_thread is not None:
+                cleanup.callback(plot_thread.join)
+            cleanup.callback(checkpoints.close)
+            cleanup.callback(finish_saves)  # a checkpoint being written is completed
+            if hasattr(host_batches, "close"):
+                cleanup.callback(host_batches.close)
+            cleanup.callback(profile.stop)
     if preempted_at is not None:
         raise Preempted(preempted_at, dict(history), preemption.signum)
     final = {name: values[-1][1] for name, values in history.items() if name.startswith("eval_")}
@@ -637,11 +1006,13 @@ def restore(
 
     ``state`` is an initial train state of the run's config, on the host (the checkpoint is
     restored into its layout); the result is placed as ``parallel`` places states for the
-    compiled steps, or on one device. Raises :class:`CheckpointNotFound` when there is no such
-    checkpoint, ``ConfigError`` when it was written for another model or optimizer.
+    compiled steps, or on one device. Without ``step``, a damaged latest checkpoint is named in a
+    warning and the newest intact one is taken. Raises :class:`CheckpointNotFound` when there is
+    no such checkpoint, :class:`CheckpointDamaged` when ``step``'s (or every one) is damaged,
+    ``ConfigError`` when it was written for another model or optimizer.
     """
     parallel = parallel or _OneDevice()
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = _workdir(workdir) / "checkpoints"
     if not directory.is_dir():
         raise CheckpointNotFound(f"{directory} does not exist: train first, or name the workdir")
     checkpoints = ocp.CheckpointManager(
@@ -651,6 +1022,7 @@ def restore(
         steps = checkpoints.all_steps()
         if not steps:
             raise CheckpointNotFound(f"{directory} holds no checkpoint: train first")
+        asked = step
         step = max(steps) if step is None else step
         if step not in steps:
             raise CheckpointNotFound(
@@ -658,7 +1030,16 @@ def restore(
                 f"{', '.join(map(str, sorted(steps)))}"
             )
         empty_train = parallel.put_state(metrics.TrainMetrics.empty())
-        state, _ = _restore(checkpoints, step, parallel.put_state(state), empty_train, parallel)
+        if asked is not None:  # that one or none: a damaged one is an error
+            state, _ = _restore(checkpoints, step, parallel.put_state(state), empty_train, parallel)
+        else:  # the newest intact one; a damaged one on the way is named, and left in place
+            step, state, _ = _resume(
+                checkpoints, parallel.put_state(state), empty_train, parallel, move_aside=False
+            )
+            if not step:
+                raise WorkdirError(
+                    f"every checkpoint in {directory} is damaged (the warnings above say how)"
+                )
     finally:
         checkpoints.close()
     return step, state

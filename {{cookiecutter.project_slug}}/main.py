@@ -83,7 +83,8 @@ def use_or_exit(config: Any, workdir: str, mode: str) -> None:
 def main(argv: list[str]) -> None:
     # Checks the arguments and the workdir, joins the other processes (if any), turns on the
     # compilation cache and loads the config.
-    config = cli.start(argv, FLAGS["config"], FLAGS.workdir)
+    # A workdir another run trains in is refused at once (eval/predict/export only read it).
+    config = cli.start(argv, FLAGS["config"], FLAGS.workdir, train=FLAGS.mode == "train")
     if FLAGS.mode == "eval":
         evaluate_or_exit(config, FLAGS.workdir, FLAGS.step)
     elif FLAGS.mode in ("predict", "export"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import random
 import signal
 import subprocess
@@ -45,9 +46,10 @@ NOT_REPRODUCIBLE = {"steps_per_sec", "uptime"}  # wall-clock timings
 # Runs main.py after arranging for SIGKILL at the AT-th batch the run asks for (the steps run
 # up to two batches behind the data), or with ACTION sigkill-in-save, inside the next checkpoint
 # commit after that point: orbax has written the checkpoint into its temporary folder and not
-# yet renamed it.
+# yet renamed it. ACTION hold prints "holding" there and sleeps (a run busy in its workdir);
+# enospc-in-save fails that commit as a full disk does.
 DRIVER = """
-import asyncio, importlib, os, runpy, signal, sys
+import asyncio, errno, importlib, os, runpy, signal, sys, time
 action, at, package = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sys.argv = ["main.py", *sys.argv[4:]]
 sys.path.insert(0, os.getcwd())
@@ -63,11 +65,16 @@ def train_batches(*args, **kwargs):
     for index, batch in enumerate(original_batches(*args, **kwargs), 1):
         if index == at:
             fired["armed"] = True
-            if not action.endswith("-in-save"):
+            if action == "hold":
+                print("holding", flush=True)
+                time.sleep(600)
+            if action.startswith("sig") and not action.endswith("-in-save"):
                 os.kill(os.getpid(), signum)
         yield batch
 
 async def finalize(self):
+    if fired["armed"] and action == "enospc-in-save":
+        raise OSError(errno.ENOSPC, "No space left on device")
     if fired["armed"] and action.endswith("-in-save"):
         fired["armed"] = False
         os.kill(os.getpid(), signum)
@@ -102,6 +109,24 @@ def _killed_run(workdir: Path, action: str, at: int) -> subprocess.CompletedProc
         [sys.executable, "-c", DRIVER, action, str(at), PACKAGE, *args],
         cwd=PROJECT, capture_output=True, text=True,
     )  # fmt: skip
+
+
+def _main(workdir: str | Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``python main.py`` with this suite's config into ``workdir``."""
+    command = ["main.py", "--config=configs/quick.py", f"--workdir={workdir}"]
+    return subprocess.run(
+        [sys.executable, *command, *_overrides(_config()), *args],
+        cwd=PROJECT, capture_output=True, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a run that stopped for a mistake printed (exit code 1, no traceback)."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1 and result.stderr.rstrip().endswith(lines[0]), result.stderr[-3000:]
+    return lines[0]
 
 
 def _checkpoint_steps(workdir: Path) -> list[int]:
@@ -415,3 +440,126 @@ def test_long_log_interval_on_eight_cpu_devices(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {every}" in result.stdout + result.stderr
     assert _checkpoint_steps(tmp_path) == [every]
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+def test_a_second_run_into_a_busy_workdir_is_refused_until_the_first_is_killed(tmp_path):
+    """A run busy in its workdir (its lock held): a second run is refused at once with one
+    line naming it, evaluation still reads the workdir; after SIGKILL of the first (its lock
+    dropped by the operating system), a new run resumes and finishes."""
+    workdir = tmp_path / "run"
+    args = ["--config=configs/quick.py", f"--workdir={workdir}", *_overrides(_config())]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, "hold", "9", PACKAGE, *args],
+        cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        line = _error_line(_main(workdir))
+        assert line.startswith(f"workdir error: {workdir} is in use by process {holder.pid} on ")
+        assert " since " in line, line
+        evaluated = _main(workdir, "--mode=eval")  # reading needs no lock
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert evaluated.stdout.startswith("step 5: "), evaluated.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+    result = _main(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _checkpoint_steps(workdir)[-1] == _config().num_train_steps
+
+
+def _flip_a_parameter_byte(step_dir: Path) -> None:
+    """Changes one bit of a checkpoint's parameter data so that it still decompresses (a
+    failing disk's change, which orbax reads silently): the restored numbers differ."""
+    want = ocp.StandardCheckpointer().restore(step_dir / "default")
+    files = sorted(
+        (step_dir / "default").rglob("ocdbt.process_*/d/*"), key=lambda p: -p.stat().st_size
+    )
+    for data in files:
+        original = data.read_bytes()
+        for offset in range(len(original) // 2, len(original)):
+            changed = bytearray(original)
+            changed[offset] ^= 0x01
+            data.write_bytes(bytes(changed))
+            try:
+                got = ocp.StandardCheckpointer().restore(step_dir / "default")
+            except Exception:  # noqa: BLE001 -- that byte broke the format: try the next
+                continue
+            same = jax.tree.map(
+                lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), got, want
+            )
+            if not all(jax.tree.leaves(same)):
+                return
+        data.write_bytes(original)
+    raise AssertionError("no byte changes the restored numbers")
+
+
+def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_exactly(tmp_path, reference):
+    """The newest checkpoint with a changed byte (its checksum catches it) and a stray empty
+    ``checkpoints/99``: each is named in a warning and moved to ``<step>.damaged``; the run
+    resumes from the newest intact one and ends as the uninterrupted run, bitwise."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns(".lock*"))
+    final = _config().num_train_steps
+    _flip_a_parameter_byte(workdir / "checkpoints" / str(final))
+    (workdir / "checkpoints" / "99").mkdir()
+    for path in workdir.glob("events.out.tfevents.*"):
+        path.unlink()  # the resumed run's events only
+    result = _main(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "error: " not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " is damaged: " in line]
+    assert len(warnings) == 2, result.stderr[-3000:]
+    assert "step 99 " in warnings[0] and f"step {final} " in warnings[1]
+    assert "does not match the checksum saved with it" in warnings[1]
+    assert "99.damaged" in warnings[0] and f"{final}.damaged" in warnings[1]
+    assert (workdir / "checkpoints" / f"{final}.damaged").is_dir()
+    got, want = _restore(workdir, final), _restore(reference, final)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_is_intact(
+    tmp_path, reference
+):
+    workdir = tmp_path / "run"
+    result = _killed_run(workdir, "enospc-in-save", 9)  # the save of step 10 fails
+    line = _error_line(result)
+    assert line == (
+        "workdir error: no space left on device while saving the checkpoint of step 10 in "
+        f"{workdir / 'checkpoints'}; the previous checkpoint (step 5) is intact; free some space "
+        "and rerun to resume from it"
+    ), line
+    assert _checkpoint_steps(workdir) == [5]
+    assert not list((workdir / "checkpoints").glob(f"*{TMP_SUFFIX}*"))
+    result = _main(workdir)  # space again: resumes, and ends as the uninterrupted run
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(workdir, reference, "after a full disk")
+
+
+def test_workdir_urls_home_and_empty(tmp_path):
+    """A ``file://`` URL trains end to end in that folder; ``~`` is the home folder in every
+    file the run writes; an empty ``--workdir`` is refused and writes nothing."""
+    few = ["--config.num_train_steps=6", "--config.checkpoint_every_steps=3"]
+    result = _main(f"file://{tmp_path}/url run", *few)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _checkpoint_steps(tmp_path / "url run") == [3, 6]
+    assert list((tmp_path / "url run").glob("events.out.tfevents.*"))
+    assert not (PROJECT / "file:").exists()
+
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    result = _main("~/run", *few, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _checkpoint_steps(tmp_path / "home" / "run") == [3, 6]
+    assert (tmp_path / "home" / "run" / "config.py").is_file()
+    assert not (PROJECT / "~").exists()
+
+    before = sorted(p.name for p in PROJECT.iterdir())
+    line = _error_line(_main("", *few))
+    assert line.startswith("workdir error: --workdir is empty"), line
+    assert sorted(p.name for p in PROJECT.iterdir()) == before

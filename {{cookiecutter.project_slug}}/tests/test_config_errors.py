@@ -244,8 +244,12 @@ def test_at_least_25_configs_are_checked():
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file of a workdir but its lock (``.lock``: a run that starts takes it, naming
+    itself there, before it reads the checkpoints)."""
     return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if not p.name.startswith(".lock")
     }
 
 

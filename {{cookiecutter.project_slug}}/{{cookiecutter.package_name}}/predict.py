@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
-from plugins import data, export
+from plugins import config_cli, data, export
 
 from . import input_pipeline, train
 
@@ -62,7 +62,7 @@ def export_model(
     info: dict[str, Any] = dict(step=step, dataset=config.dataset, model=config.model.to_dict())
     return export.save(
         forward,
-        out or Path(workdir) / "export",
+        out or Path(config_cli.workdir_path(workdir)) / "export",  # local: ~ expanded
         input_shape=input_shape,
         class_names=class_names(config),
         info=info,
