@@ -254,6 +254,7 @@ def trained_model(
     """``(step, forward)``: the model of the checkpoint of ``step`` (default: the latest) in
     ``workdir`` as ``forward(images) -> logits``, in evaluation mode with the evaluation
     parameters (the EMA ones if configured), on one device."""
+    loop.check_config(config, model_check=models.check_model_config)
     num_classes, input_shape = input_pipeline.dataset_info(config)
     tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
     state = create_train_state(config, tx, num_classes, input_shape)
