@@ -648,6 +648,21 @@ def _no_space(error: BaseException) -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 
+class _Progress:
+    """Keeps what clu's ``ReportProgress`` writes (``steps_per_sec``, ``uptime``) until the loop
+    writes it with the log step's metrics."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, float] = {}
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        self.scalars.update(scalars)
+
+    def take(self) -> dict[str, float]:
+        taken, self.scalars = self.scalars, {}
+        return taken
+
+
 class _Profile:
     """A ``jax.profiler`` trace of ``steps`` training steps, ``PROFILE_AFTER_STEPS`` after the
     run's ``first`` step, into ``<workdir>/plugins/profile/<time>/`` (TensorBoard's profile
@@ -817,8 +832,8 @@ def _fit(
     history: History = collections.defaultdict(list)
     skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
 
-    def write(step: int, scalars: dict[str, float]) -> None:
-        writer.write_scalars(step, scalars)
+    def write(step: int, scalars: dict[str, float], progress: dict | None = None) -> None:
+        writer.write_scalars(step, {**scalars, **(progress or {})})  # one line per log step
         for name, value in scalars.items():
             history[name].append((step, value))
 
@@ -924,8 +939,11 @@ def _fit(
                 raise disk_full(saving[0]) from None
             raise
 
+    # clu's progress report: percent done and ETA on the console, steps_per_sec and uptime in
+    # TensorBoard, written with the log step's metrics (one console line, not three).
+    progress = _Progress()
     report = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+        num_train_steps=total_steps, writer=progress, every_steps=config.log_every_steps
     )
     host_batches = train_batches(initial_step)
     device_batches = parallel.train_batches(host_batches)
@@ -952,11 +970,13 @@ def _fit(
                 if log or evaluate_now or save:  # the only steps that wait for the devices
                     scalars = metrics.scalars(parallel.to_host(accumulated))
                     check_finite(step, scalars.pop("first_nonfinite"))
+                report(step)
                 if log:
                     warn_if_all_skipped(step, scalars)
-                    write(step, scalars)
+                    write(step, scalars, progress.take())
                     accumulated = empty_train
-                report(step)
+                elif progress.scalars:
+                    writer.write_scalars(step, progress.take())
                 if evaluate_now:
                     with report.timed("eval"):
                         write(step, evaluate(state))
