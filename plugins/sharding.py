@@ -703,7 +703,15 @@ def mesh_from_axes(
             f"mesh {dict(axes)} does not fit the {len(devices)} device(s): the axes' sizes must "
             f"multiply to {len(devices)} (one of them may be -1: the devices left)"
         )
-    return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(axis_type,) * len(names))
+    types = (axis_type,) * len(names)
+    # jax.make_mesh lays the devices out for the hardware's links (a TPU's torus); where that
+    # would interleave processes, the process order is kept (each process holds one contiguous
+    # block of the global batch: what global_batch relies on).
+    mesh = jax.make_mesh(tuple(sizes), names, types, devices=devices)
+    processes = [d.process_index for d in mesh.devices.flat]
+    if processes != sorted(processes):
+        mesh = Mesh(np.asarray(devices).reshape(sizes), names, axis_types=types)
+    return mesh
 
 
 def fsdp_spec(shape: Sequence[int], axis: str, size: int, min_size: int) -> PartitionSpec | None:
