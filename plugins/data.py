@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from plugins import augment as augment_lib
 from plugins import config_errors, tensorflow_setup
 
 try:
@@ -258,6 +259,7 @@ def _train_batches(
     process_index: int,
     process_count: int,
     steps: int,
+    pipeline: augment_lib.Pipeline | None = None,
 ) -> Iterator[Batch]:
     """This process's batches: for each chunk of consecutive steps, one gather and one float
     conversion of all their examples, then one view of the chunk per batch."""
@@ -273,9 +275,18 @@ def _train_batches(
             idx = rows[first : first + per_chunk].ravel()
             chunk_images = _to_float(images[idx])
             chunk_labels = np.take(labels, idx, out=_aligned_empty(idx.shape, labels.dtype))
-            for lo in range(0, len(idx), batch_size):
+            for s, lo in enumerate(range(0, len(idx), batch_size), start=first):
                 hi = lo + batch_size
-                yield {"image": chunk_images[lo:hi], "label": chunk_labels[lo:hi]}
+                batch = {"image": chunk_images[lo:hi], "label": chunk_labels[lo:hi]}
+                if pipeline:
+                    batch = pipeline.train(
+                        batch,
+                        seed=seed,
+                        step=epoch * steps + s,
+                        process_index=process_index,
+                        process_count=process_count,
+                    )
+                yield batch
         epoch, step_in_epoch = epoch + 1, 0
 
 
@@ -354,6 +365,8 @@ def train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     prefetch: int = 2,
+    augment: Any = (),
+    num_classes: int | None = None,
 ) -> Iterator[Batch]:
     """Returns an infinite iterator of shuffled training batches for this process.
 
@@ -374,14 +387,20 @@ def train_iterator(
       process_index: this process (default ``jax.process_index()``).
       process_count: number of processes (default ``jax.process_count()``).
       prefetch: batches prepared ahead in a background thread (0: none, batches made on demand).
+      augment: ``plugins.augment`` ops (a config list or a ``Pipeline``) applied to every batch on
+        the host (in the prefetch thread when there is one), their random draws seeded by
+        ``(seed, step)``: ``start_step=k`` still gives exactly the batches ``k, k + 1, ...``.
+      num_classes: the number of classes, needed by mixup/cutmix (soft ``target`` labels).
 
     Returns:
-      An iterator of ``{'image': float32 [0, 1] (B, H, W, C), 'label': int32 (B,)}``; with
-      ``prefetch`` it has a ``close()`` that stops its thread.
+      An iterator of ``{'image': float32 [0, 1] (B, H, W, C), 'label': int32 (B,)}`` (images as
+      the augmentation leaves them, and ``target`` float32 ``(B, num_classes)`` under
+      mixup/cutmix); with ``prefetch`` it has a ``close()`` that stops its thread.
 
     Raises:
       ValueError: unknown dataset or split, ``batch_size <= 0``, ``start_step < 0``, a bad
-        process index, or fewer than ``batch_size`` examples per process.
+        process index, or fewer than ``batch_size`` examples per process; ``ConfigError`` (a
+        ``ValueError``) for a bad ``augment``.
     """
     _check_batch_size(batch_size)
     if start_step < 0:
@@ -389,6 +408,7 @@ def train_iterator(
     process_index, process_count = _processes(process_index, process_count)
     data = load_split(name, split, data_dir=data_dir)
     steps = _global_steps_per_epoch(len(data["label"]), batch_size, process_count, name, split)
+    pipeline = augment_lib.create(augment, data["image"].shape[1:], num_classes)
     batches = _train_batches(
         data,
         batch_size=batch_size,
@@ -397,6 +417,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
         steps=steps,
+        pipeline=pipeline,
     )
     return Prefetch(batches, prefetch) if prefetch > 0 else batches
 
@@ -414,6 +435,7 @@ def eval_iterator(
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    augment: Any = (),
 ) -> Iterator[Batch]:
     """Returns a finite iterator over this process's part of ``split``, each example once.
 
@@ -429,6 +451,8 @@ def eval_iterator(
       data_dir: tfds data directory.
       process_index: this process (default ``jax.process_index()``).
       process_count: number of processes (default ``jax.process_count()``).
+      augment: ``plugins.augment`` ops (a config list or a ``Pipeline``), of which only the
+        deterministic ones apply (normalize, resize, center crops); padding is augmented too.
 
     Returns:
       An iterator of ``{'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': bool (B,)}``.
@@ -442,17 +466,29 @@ def eval_iterator(
     n = len(data["label"])
     lo, hi = process_index * n // process_count, (process_index + 1) * n // process_count
     count = num_eval_batches(n, batch_size=batch_size, process_count=process_count)
-    return _eval_batches(data, lo, hi, batch_size, count)
+    batches = _eval_batches(data, lo, hi, batch_size, count)
+    pipeline = augment_lib.create(augment, data["image"].shape[1:])
+    return map(pipeline.eval, batches) if pipeline else batches
 
 
-def example_batch(image_shape: tuple[int, ...], batch_size: int, *, train: bool = True) -> Batch:
+def example_batch(
+    image_shape: tuple[int, ...],
+    batch_size: int,
+    *,
+    train: bool = True,
+    target_classes: int | None = None,
+) -> Batch:
     """A batch of zeros typed exactly like ``train_iterator``'s (``train``) or ``eval_iterator``'s
-    batches of ``(H, W, C)`` images: to compile steps before any data is read."""
+    batches of ``(H, W, C)`` images: to compile steps before any data is read.
+    ``target_classes``: training batches also hold soft ``target`` labels of that many classes
+    (as under mixup/cutmix)."""
     _check_batch_size(batch_size)
     batch = {
         "image": np.zeros((batch_size, *image_shape), np.float32),
         "label": np.zeros(batch_size, np.int32),
     }
+    if train and target_classes:
+        batch["target"] = np.zeros((batch_size, target_classes), np.float32)
     if not train:
         batch["mask"] = np.ones(batch_size, bool)
     return batch

@@ -50,6 +50,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from plugins import (
+    augment,
     config_cli,
     config_errors,
     data,
@@ -81,7 +82,7 @@ CONFIG_KEYS = (
     "loss",
 )
 # Keys a config may have; their defaults when it has not.
-OPTIONAL_KEYS = {"profile_steps": 0, "mesh": None}
+OPTIONAL_KEYS = {"profile_steps": 0, "mesh": None, "augment": ()}
 # A profile (``profile_steps``) starts after this many steps of the run: compiled and warm.
 PROFILE_AFTER_STEPS = 5
 # Imported with TensorFlow in a background thread while the steps compile (see ``prepare``).
@@ -253,6 +254,7 @@ def check_config(
                 f"{key} must be a ConfigDict with a 'name', e.g. {key}=dict(name=...); "
                 f"got {cfg[key]!r}"
             )
+    augment.check(cfg.get("augment"))
     model_check(config.model)
     losses.create(config.loss)
     optim.optimizer_steps(config.num_train_steps, config.optimizer.get("accumulate_steps") or 1)
@@ -701,6 +703,7 @@ def fit(
     train_batches: Callable[[int], Iterator[dict]],
     eval_batches: Callable[[], Iterable[dict]],
     input_shape: Sequence[int],
+    num_classes: int | None = None,
 ) -> History:
     """Trains ``state`` to ``config.num_train_steps``, evaluating, logging and checkpointing in
     ``workdir``; a rerun with the same ``workdir`` resumes from its latest checkpoint.
@@ -718,8 +721,11 @@ def fit(
         step on (``image``, ``label``).
       eval_batches: ``() -> iterable`` of this process's evaluation batches (``image``,
         ``label``, ``mask``).
-      input_shape: an image's shape: the steps are compiled on zeros of it before any data is
-        read.
+      input_shape: an image's shape as the model takes it (after ``config.augment``): the steps
+        are compiled on zeros of it before any data is read.
+      num_classes: the number of classes; with mixup/cutmix in ``config.augment`` the steps are
+        compiled for batches with soft ``target`` labels of that many (without it, the first
+        step compiles them).
 
     Returns:
       Every logged scalar: ``{name: [(step, value), ...]}``.
@@ -730,7 +736,7 @@ def fit(
             return _fit(
                 config, workdir_path, state=state, train_step=train_step, eval_step=eval_step,
                 parallel=parallel, train_batches=train_batches, eval_batches=eval_batches,
-                input_shape=input_shape,
+                input_shape=input_shape, num_classes=num_classes,
             )  # fmt: skip
         except NoSpaceLeft:
             raise
@@ -779,6 +785,7 @@ def _fit(
     train_batches: Callable[[int], Iterator[dict]],
     eval_batches: Callable[[], Iterable[dict]],
     input_shape: Sequence[int],
+    num_classes: int | None = None,
 ) -> History:
     total_steps = config.num_train_steps
     is_chief = jax.process_index() == 0
@@ -802,7 +809,8 @@ def _fit(
     empty_eval = parallel.put_state(metrics.EvalMetrics.empty())
     local_batch = config.batch_size // jax.process_count()
     local_eval_batch = config.eval_batch_size // jax.process_count()
-    train_zeros = data.example_batch(tuple(input_shape), local_batch)
+    soft = num_classes if augment.mixes(config.get("augment")) else None
+    train_zeros = data.example_batch(tuple(input_shape), local_batch, target_classes=soft)
     eval_zeros = data.example_batch(tuple(input_shape), local_eval_batch, train=False)
     train_step.lower(state, accumulated, next(parallel.train_batches([train_zeros]))).compile()
     eval_step.lower(state, empty_eval, next(parallel.eval_batches([eval_zeros]))).compile()

@@ -1,7 +1,12 @@
 """CIFAR-10 (32x32 colour images, 10 classes) with a small ResNet with batch norm.
 
 Downloads CIFAR-10 through tfds on first use (needs network once; set ``data_dir`` to share it).
-Best run on a GPU/TPU; about 90% test accuracy after the full schedule.
+Best run on a GPU/TPU. Training batches are augmented the standard way (``config.augment``: pad 4
+and random 32x32 crop, random horizontal flip, normalisation by CIFAR-10's per-channel mean and
+std; evaluation normalises only). ResNet recipes of this kind (Flax's and the common PyTorch ones)
+reach about 93-95% test accuracy on CIFAR-10 with this augmentation; this config's accuracy is
+untested here (it was written without network access to the dataset), so expect that range, not a
+measured figure.
 """
 
 import ml_collections
@@ -18,6 +23,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(
         dict(name="resnet", stage_sizes=(2, 2, 2), num_filters=32)
     )
+    # Host-side augmentation of the training batches, in order (see plugins.augment); every draw
+    # is seeded by (seed, step), so a resumed run sees the same batches. Evaluation applies only
+    # 'normalize'. Add dict(name='mixup', alpha=0.2) or dict(name='cutmix') for soft labels.
+    config.augment = [
+        dict(name="crop", padding=4),  # zero-pad 4 pixels, random 32x32 crop
+        dict(name="flip"),  # random horizontal flip (probability 0.5)
+        # CIFAR-10's per-channel mean and std of the training images (in [0, 1]).
+        dict(name="normalize", mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    ]
     config.batch_size = 256  # global batch size
     config.eval_batch_size = 1000  # global evaluation batch size
     config.num_train_steps = 15_000  # about 77 epochs of 50k images

@@ -298,3 +298,52 @@ def test_steps_build_and_run_without_tensorflow():
     loss, error = result.stdout.strip().splitlines()[-2:]
     assert abs(float(loss) - math.log(10)) < 0.5  # ten classes, untrained: about log(10)
     assert "needs tensorflow-datasets" in error
+
+
+def test_mixup_run_compiles_once_and_resumes_exactly(tmp_path, monkeypatch, caplog):
+    """config.augment with mixup/cutmix: the steps compile once (ahead of time, for batches with
+    soft ``target`` labels), accuracy counts the hard labels, and a run resumed from a checkpoint
+    ends with the parameters of the uninterrupted run, bitwise (the draws depend on (seed,
+    step) only)."""
+    config = quick.get_config()
+    config.augment = [
+        dict(name="crop", padding=1),
+        dict(name="flip"),
+        dict(name="normalize", mean=0.3, std=0.4),
+        dict(name="mixup", alpha=0.4),
+        dict(name="cutmix", prob=0.5),
+    ]
+    active: dict[int, str] = {}
+    compiles: collections.Counter = collections.Counter()
+
+    class CompileLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            step = active.get(record.thread)
+            if step and record.getMessage().startswith("Finished XLA compilation"):
+                compiles[step] += 1
+
+    original = parallel.DataParallel.compile_train_step
+    monkeypatch.setattr(
+        parallel.DataParallel,
+        "compile_train_step",
+        lambda dp, fn, state: _Tracked(original(dp, fn, state), "train", active),
+    )
+    caplog.set_level(logging.DEBUG, logger="jax._src.dispatch")  # where jax logs compilations
+    logger, handler = logging.getLogger("jax._src.dispatch"), CompileLog()
+    logger.addHandler(handler)
+    try:
+        history = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    finally:
+        logger.removeHandler(handler)
+    assert compiles == {"train": 1}, dict(compiles)
+    for name in ("train_loss", "train_accuracy", "eval_accuracy"):
+        assert all(math.isfinite(value) for _, value in history[name]), name
+    assert all(0 <= value <= 1 for _, value in history["train_accuracy"])
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "10", resumed / "checkpoints" / "10")
+    train.train_and_evaluate(config, str(resumed))
+    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "20" / "default")
+             for w in (tmp_path / "straight", resumed)]  # fmt: skip
+    for a, b in zip(*(jax.tree.leaves(f) for f in final), strict=True):
+        np.testing.assert_array_equal(a, b)

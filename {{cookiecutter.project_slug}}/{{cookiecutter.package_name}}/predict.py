@@ -39,8 +39,9 @@ def predict(
     """The ``top_k`` classes and probabilities of each image in ``images`` (a path), by the
     model of the checkpoint of ``step`` (default: the latest): ``[(image name, [(class,
     probability), ...]), ...]``."""
-    _, input_shape = input_pipeline.dataset_info(config)
-    batch, names = export.read_images(images, input_shape)
+    pipeline = input_pipeline.augmentation(config)  # evaluation's: normalize, resize, ...
+    batch, names = export.read_images(images, pipeline.input_shape)
+    batch = pipeline.eval({"image": batch})["image"]
     _, forward = train.trained_model(config, workdir, step=step)
     logits = jax.jit(forward)(batch)
     labels = class_names(config)

@@ -124,11 +124,13 @@ def train_step(
 ) -> tuple[TrainState, metrics.TrainMetrics]:
     """One optimizer step on ``batch``; returns the new state and the metrics merged so far."""
     images, labels = batch["image"], batch["label"]
+    # Soft labels (mixup/cutmix, config.augment) for the loss; accuracy counts the hard labels.
+    targets = batch.get("target", labels)
     key = dropout_key(seed, state.step)
 
     def loss_of(params: Any) -> tuple[jax.Array, tuple]:
         logits, batch_stats = apply_model(state, params, images, train=True, key=key)
-        return loss_fn(logits, labels), (logits, batch_stats)
+        return loss_fn(logits, targets), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     grads = parallel.mean(grads)  # over the devices (pmap; under jit XLA does it)
@@ -224,6 +226,7 @@ def train_and_evaluate(
         train_batches=lambda start_step: input_pipeline.train_batches(config, start_step),
         eval_batches=lambda: input_pipeline.eval_batches(config),
         input_shape=input_shape,
+        num_classes=num_classes,
     )
 
 

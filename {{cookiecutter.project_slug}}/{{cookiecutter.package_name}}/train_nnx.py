@@ -95,13 +95,15 @@ def train_step(
     """One optimizer step on ``batch``; returns the new state and the metrics merged so far."""
     model, optimizer = nnx.merge(graphdef, state)
     images, labels = batch["image"], batch["label"]
+    # Soft labels (mixup/cutmix, config.augment) for the loss; accuracy counts the hard labels.
+    targets = batch.get("target", labels)
     key = dropout_key(seed, optimizer.step[...])
     # Values, not the Variables themselves (which the forward pass below updates).
     old_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
     def loss_of(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
         logits = model(images, dropout_key=key)
-        return loss_fn(logits, labels), logits
+        return loss_fn(logits, targets), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
     grads = parallel.mean(grads)  # over the devices (pmap; under jit XLA does it)
@@ -110,7 +112,7 @@ def train_step(
         model_def, _, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_of_params(params: Any) -> jax.Array:
-            return loss_fn(nnx.merge(model_def, params, rest)(images, dropout_key=key), labels)
+            return loss_fn(nnx.merge(model_def, params, rest)(images, dropout_key=key), targets)
 
         extra = optim.update_args(
             update_args, loss=parallel.mean(loss), grads=grads, loss_of_params=loss_of_params
@@ -203,6 +205,7 @@ def train_and_evaluate(
         train_batches=lambda start_step: input_pipeline.train_batches(config, start_step),
         eval_batches=lambda: input_pipeline.eval_batches(config),
         input_shape=input_shape,
+        num_classes=num_classes,
     )
 
 
