@@ -169,15 +169,15 @@ def test_vit_with_dropout_learns_digits_and_resumes_exactly(tmp_path):
     config.model = ml_collections.ConfigDict(
         dict(name="vit", patch_size=2, width=32, depth=2, num_heads=2, dropout=0.1, remat=True)
     )
-    config.update(num_train_steps=150, log_every_steps=75, eval_every_steps=150)
-    config.update(checkpoint_every_steps=75)
+    config.update(num_train_steps=100, log_every_steps=50, eval_every_steps=100)
+    config.update(checkpoint_every_steps=50)
     history = train.train_and_evaluate(config, str(tmp_path / "straight"))
-    assert history["eval_accuracy"][-1][1] > 0.6  # chance: 0.1
+    assert history["eval_accuracy"][-1][1] > 0.5  # chance: 0.1
 
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "75", resumed / "checkpoints" / "75")
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "50", resumed / "checkpoints" / "50")
     train.train_and_evaluate(config, str(resumed))
-    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "150" / "default")
+    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "100" / "default")
              for w in (tmp_path / "straight", resumed)]  # fmt: skip
     for a, b in zip(*(jax.tree.leaves(f) for f in final), strict=True):
         np.testing.assert_array_equal(a, b)
