@@ -30,6 +30,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import ml_collections
 from absl import flags, logging
 
 from plugins import config_cli, tensorflow_setup
@@ -59,9 +60,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     that does not exist (the config is locked), a wrong type or a config file that cannot be
     loaded ends the program with one line instead of a traceback."""
     try:
-        return FLAGS(argv)
-    except config_cli.PARSE_ERRORS as error:
-        sys.exit(config_cli.parse_error_line(error, argv))
+        with config_cli.no_bools_as_numbers():
+            return FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 -- each is one line
+        if config_cli.raised_in_config_file(error, argv) is not None and not isinstance(
+            error, flags.Error | SyntaxError
+        ):  # the config file's own code (get_config raising, recursing, a missing import)
+            sys.exit(config_cli.config_code_error_line(error, argv))
+        if isinstance(error, config_cli.PARSE_ERRORS):
+            sys.exit(config_cli.parse_error_line(error, argv))
+        raise
 
 
 def load_config(flag: Any) -> Any:
@@ -71,6 +79,13 @@ def load_config(flag: Any) -> Any:
         config.keys()  # a file that could not be read raises its error on first use
     except OSError as error:
         sys.exit(config_cli.load_error_line(error, sys.argv))
+    except AttributeError:  # get_config() returned None, a list, ...
+        pass
+    if not isinstance(config, ml_collections.ConfigDict):
+        sys.exit(config_cli.cannot_load_line(
+            sys.argv, f"get_config() returned a {type(config).__name__}, not an "
+            "ml_collections.ConfigDict (return ml_collections.ConfigDict(...))"
+        ))  # fmt: skip
     return config
 
 

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import sys
+import traceback
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -121,6 +122,53 @@ def config_file_error_line(text: str, argv: Sequence[str]) -> str | None:
     # ml_collections writes the value with str(): quote it back when it was a string.
     value = repr(wrong["value"]) if wrong["given"] == "str" else wrong["value"]
     return cannot_load_line(argv, f"{key}{at}: given {value} ({given}), expected {expected}")
+
+
+def raised_in_config_file(error: BaseException, argv: Sequence[str]) -> int | None:
+    """The line of the ``--config`` file of ``argv`` that ``error`` went through last (the
+    file's own code raised it, or code it called or imported), or None."""
+    path = config_path(argv).split(":", 1)[0]
+    if not path:
+        return None
+    where = os.path.abspath(path)
+    frames = traceback.extract_tb(error.__traceback__)
+    lines = [f.lineno for f in frames if f.filename and os.path.abspath(f.filename) == where]
+    return lines[-1] if lines else None
+
+
+def config_code_error_line(error: BaseException, argv: Sequence[str]) -> str:
+    """The one line for an exception the config file's own code raised while it was loaded
+    (``get_config()`` raising, recursing, importing a missing module, ...): ``config error:
+    cannot load --config=F: RuntimeError: boom (line 2)``."""
+    lineno = raised_in_config_file(error, argv)
+    at = f" (line {lineno})" if lineno else ""
+    text = " ".join(str(error).split())[:300]
+    return cannot_load_line(argv, f"{type(error).__name__}: {text}{at}" if text else
+                            f"{type(error).__name__}{at}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def no_bools_as_numbers() -> Iterator[None]:
+    """While loading a config file: ``True``/``False`` assigned to a float field (ml_collections
+    casts ``int`` to ``float``, and a bool is an int) raises ml_collections' own wrong-type
+    ``TypeError`` instead of becoming ``1.0``/``0.0`` (``learning_rate = True``)."""
+    from ml_collections.config_dict import config_dict
+
+    original = config_dict._safe_cast
+
+    def safe_cast(value, field_type, type_safe=False):  # noqa: ANN001, ANN202 -- as ml_collections'
+        if isinstance(value, bool) and field_type is float:
+            raise TypeError(
+                f"{value} is of original type {type(value)} and cannot be casted to type "
+                f"{field_type}"
+            )
+        return original(value, field_type, type_safe)
+
+    config_dict._safe_cast = safe_cast
+    try:
+        yield
+    finally:
+        config_dict._safe_cast = original
 
 
 def _a(type_name: str) -> str:

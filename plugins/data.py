@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -48,6 +49,9 @@ else:
 
 __all__ = [
     "builder",
+    "ensure_prepared",
+    "check_dataset",
+    "eval_batch_size_limit",
     "load_split",
     "num_examples",
     "steps_per_epoch",
@@ -78,12 +82,201 @@ def builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
             f"reading dataset {name!r} needs tensorflow-datasets and tensorflow "
             "(pip install tensorflow-datasets tensorflow-cpu)"
         ) from _TFDS_MISSING
+    _check_data_dir(data_dir)
+    base, config, version = _NAME.match(name).groups() if _NAME.match(name) else (name, None, None)
+    try:
+        cls = tfds.builder_cls(base)
+    except Exception:  # noqa: BLE001 -- an unknown name: tfds.builder says so below
+        cls = None
+    if cls is not None:
+        _check_version_and_config(name, cls, config, version)
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
-        base = name.split(":")[0].split("/")[0]
         choices = tfds.list_builders(with_community_datasets=False)
         raise config_errors.unknown("dataset", "dataset", base, choices) from None
+    except Exception as error:  # e.g. a garbage dataset_info.json in data_dir
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        raise DatasetUnavailable(
+            f"cannot read the metadata of dataset {name!r} in {where} ({_brief(error)}); "
+            "delete the dataset's folder there to prepare it again"
+        ) from None
+
+
+# ``name``, ``name/config``, ``name:version``, ``name/config:version``.
+_NAME = re.compile(r"^([^/:]+)(?:/([^:]*))?(?::(.*))?$")
+_VERSION = re.compile(r"^\d+\.(\d+|\*)\.(\d+|\*)$")
+
+
+def _brief(error: BaseException, limit: int = 200) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
+def _check_data_dir(data_dir: str | None) -> None:
+    """A ``data_dir`` that is a file: ``DatasetUnavailable`` naming it (TensorFlow aborts the
+    process on it)."""
+    if data_dir and not _is_url(data_dir):
+        path = os.path.abspath(os.path.expanduser(data_dir))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise DatasetUnavailable(f"data_dir {path} is a file, not a directory")
+
+
+def _is_url(path: str) -> bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
+
+
+def _check_version_and_config(name: str, cls: Any, config: str | None, version: str | None):
+    """``ConfigError`` for a version or builder config the dataset does not have."""
+    configs = [c.name for c in (getattr(cls, "BUILDER_CONFIGS", None) or [])]
+    if config is not None and config not in configs:
+        have = f"its configs: {', '.join(configs)}" if configs else "it has no configs"
+        raise config_errors.ConfigError(
+            f"dataset {name!r}: {cls.name!r} has no config {config!r} ({have})"
+        )
+    if version is None:
+        return
+    versions = {str(v) for v in [cls.VERSION, *getattr(cls, "SUPPORTED_VERSIONS", [])] if v}
+    if not _VERSION.match(version):
+        raise config_errors.ConfigError(
+            f"dataset {name!r}: {version!r} is not a version (name:MAJOR.MINOR.PATCH, '*' "
+            f"allowed, e.g. '{cls.name}:{cls.VERSION}'; its versions: "
+            f"{', '.join(sorted(versions))})"
+        )
+    pattern = re.compile("^" + re.escape(version).replace(r"\*", r"\d+") + "$")
+    if not any(pattern.match(v) for v in versions):
+        raise config_errors.ConfigError(
+            f"dataset {name!r}: {cls.name!r} has no version {version} "
+            f"(its versions: {', '.join(sorted(versions))})"
+        )
+
+
+def _writable(path: str) -> bool:
+    """Whether ``path`` (or, if it does not exist yet, its nearest existing parent) can be
+    written."""
+    path = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return os.access(path, os.W_OK)
+
+
+def _download_host(dataset: Any) -> str | None:
+    """The host the dataset's files come from, or None for a builder that downloads nothing
+    (``digits``)."""
+    import urllib.parse
+
+    try:
+        urls = list(dataset.url_infos or {})
+    except Exception:  # noqa: BLE001 -- no checksums file: assume tfds' usual host
+        urls = ["https://storage.googleapis.com/"]
+    return urllib.parse.urlparse(urls[0]).hostname if urls else None
+
+
+def _network_problem(host: str, timeout: float = 10.0) -> str | None:
+    """One attempt to reach ``host`` (HTTPS): None, or why not."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        return f"{host} cannot be reached: {type(error).__name__}: {error}"
+    return None
+
+
+def ensure_prepared(name: str, data_dir: str | None = None) -> Any:
+    """The dataset's tfds builder, its data prepared: downloaded and prepared now if it is not
+    yet, after one check that this can work (``data_dir`` writable, the download host reachable:
+    one attempt, instead of tfds' minutes of retries). Raises ``DatasetUnavailable`` naming the
+    folder when it cannot, ``ConfigError`` for an unknown name, version or config."""
+    dataset = builder(name, data_dir)
+    mocked = "mock" in getattr(type(dataset).download_and_prepare, "__name__", "")
+    if mocked or dataset.is_prepared():
+        return dataset
+    where = os.fspath(dataset.data_dir)
+    advice = (
+        "tfds downloads it once, which needs network: run once where there is one, or set "
+        "data_dir to a folder that holds a prepared copy"
+    )
+    try:
+        unwritable = not _writable(where)
+        # The data_dir itself (tfds writes the dataset's own folder): TensorFlow aborts the
+        # process where it cannot create it.
+        os.makedirs(getattr(dataset, "_data_dir_root", None) or where, exist_ok=True)
+    except OSError:
+        unwritable = True
+    if unwritable:
+        raise DatasetUnavailable(
+            f"dataset {name!r} is not prepared in {where}, which cannot be written; set data_dir "
+            "to a folder that holds a prepared copy or that can be written"
+        )
+    host = _download_host(dataset)
+    problem = _network_problem(host) if host else None
+    if problem:
+        raise DatasetUnavailable(
+            f"dataset {name!r} is not prepared in {where} and {problem}; {advice}"
+        )
+    tensorflow_setup.hide_accelerators()  # TensorFlow writes the files: keep it off the GPUs
+    try:
+        dataset.download_and_prepare()
+    except Exception as error:  # tfds retries a download for minutes before it gives up
+        raise DatasetUnavailable(
+            f"cannot prepare dataset {name!r} in {where} ({_brief(error)}); {advice}"
+        ) from error
+    return dataset
+
+
+def check_dataset(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    train_split: str | None = "train",
+    eval_split: str | None = "test",
+    batch_size: int | None = None,
+) -> Any:
+    """The checks before a run compiles or writes anything: the dataset exists and is prepared
+    (:func:`ensure_prepared`: downloaded now if need be), has the splits the run reads, an
+    ``image`` and a ``label`` feature and at least ``batch_size`` training examples (see also
+    :func:`eval_batch_size_limit`). Split sizes are checked where tfds' metadata has them (not under
+    ``tfds.testing.mock_data``). Returns the builder; raises ``ConfigError`` naming the key or
+    ``DatasetUnavailable`` naming the folder."""
+    dataset = ensure_prepared(name, data_dir)
+    features = dataset.info.features
+    missing = [k for k in ("image", "label") if k not in features]
+    if missing:
+        raise config_errors.ConfigError(
+            f"dataset {name!r} has no {' or '.join(map(repr, missing))} feature (its features: "
+            f"{', '.join(sorted(features.keys()))}); this project trains image classifiers"
+        )
+    splits = dataset.info.splits
+    if not splits:
+        return dataset
+    for split, key, size in ((train_split, "batch_size", batch_size), (eval_split, "", None)):
+        if split is None:
+            continue
+        try:
+            n = splits[split].num_examples
+        except (KeyError, ValueError):
+            raise config_errors.unknown(
+                "split", f"dataset {name!r}", split, list(splits.keys())
+            ) from None
+        if size is None:
+            continue
+        if key == "batch_size" and size > n:
+            raise config_errors.ConfigError(
+                f"batch_size={size} is more than the {n} examples of split {split!r} of dataset "
+                f"{name!r}"
+            )
+    return dataset
+
+
+def eval_batch_size_limit(dataset: Any, split: str, device_count: int) -> int | None:
+    """The evaluation split's size rounded up to a multiple of ``device_count``: a larger
+    evaluation batch holds only padding beyond it (``eval_batch_size=10**9`` would allocate
+    hundreds of GiB of zeros); None where tfds' metadata has no split sizes."""
+    splits = dataset.info.splits
+    if not splits:
+        return None
+    n = splits[split].num_examples
+    return max(1, -(-n // device_count)) * device_count
 
 
 def clear_cache() -> None:
@@ -118,17 +311,8 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
             _cache.move_to_end(key)
             return _cache[key]
 
-    dataset = builder(name, data_dir)
+    dataset = ensure_prepared(name, data_dir)
     tensorflow_setup.hide_accelerators()  # TensorFlow reads the files: keep it off the GPUs
-    try:
-        dataset.download_and_prepare()
-    except Exception as error:  # tfds retries a download for minutes before it gives up
-        raise DatasetUnavailable(
-            f"cannot prepare dataset {name!r} in {dataset.data_dir} "
-            f"({type(error).__name__}: {' '.join(str(error).split())[:200]}); tfds downloads it "
-            "once, which needs network: run once where there is one, or set data_dir to a "
-            "folder that holds a prepared copy"
-        ) from error
     splits = dataset.info.splits
     expected = None
     if splits:  # Empty before preparation and under tfds.testing.mock_data: accept any split.
@@ -146,9 +330,17 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> dict[st
             f"its features are {sorted(features.keys())}"
         )
 
-    ds = dataset.as_dataset(split=split, shuffle_files=False)
-    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]}).batch(8192)
-    parts = list(tfds.as_numpy(ds))
+    try:
+        ds = dataset.as_dataset(split=split, shuffle_files=False)
+        ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]}).batch(8192)
+        parts = list(tfds.as_numpy(ds))
+    except Exception as error:  # a truncated or empty record file, ...
+        if "tensorflow" not in type(error).__module__:
+            raise
+        raise DatasetUnavailable(
+            f"cannot read split {split!r} of dataset {name!r} in {dataset.data_dir} "
+            f"({_brief(error)}); its files are damaged: delete that folder to prepare it again"
+        ) from None
     if not parts:
         raise ValueError(f"split {split!r} of dataset {name!r} is empty")
     data = {

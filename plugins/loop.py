@@ -207,10 +207,22 @@ class Fence:
 # ----------------------------------------------------------------------------- config
 
 
-def _positive_int(cfg: dict[str, Any], key: str, minimum: int = 1) -> None:
+# JAX's PRNG keys take 32 bits of a seed (2**32 would be seed 0 again); step counters (optax's,
+# the train state's) are int32.
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 2**31 - 1
+
+
+def _positive_int(
+    cfg: dict[str, Any], key: str, minimum: int = 1, maximum: int | None = None, why: str = ""
+) -> None:
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise config_errors.ConfigError(f"{key} must be an int >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise config_errors.ConfigError(
+            f"{key} must be an int <= {maximum} (2**{maximum.bit_length()} - 1{why}), got {value!r}"
+        )
 
 
 def check_config(
@@ -226,20 +238,27 @@ def check_config(
       model_check: the project's ``models.check_model_config``.
       extra_keys: top-level keys of your own, besides ``CONFIG_KEYS``.
     """
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise config_errors.ConfigError(
+            f"the config must be an ml_collections.ConfigDict, got a {type(config).__name__} "
+            "(wrap it: ml_collections.ConfigDict(...))"
+        )
     cfg = config_errors.as_dict(config)
     config_errors.check_keys(cfg, (*CONFIG_KEYS, *OPTIONAL_KEYS, *extra_keys), "config")
     missing = [k for k in CONFIG_KEYS if k not in cfg]
     if missing:
         raise config_errors.ConfigError(f"config is missing the key(s) {', '.join(missing)}")
-    _positive_int(cfg, "seed", minimum=0)
+    _positive_int(cfg, "seed", minimum=0, maximum=MAX_SEED, why=": JAX keys take 32 bits of it")
     _positive_int({**OPTIONAL_KEYS, **cfg}, "profile_steps", minimum=0)
     if cfg.get("mesh") is not None and not isinstance(cfg["mesh"], dict):
         raise config_errors.ConfigError(
             f"mesh must be a dict of axis sizes, e.g. dict(data=-1, fsdp=1); got {cfg['mesh']!r}"
         )
-    for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
-                "eval_every_steps", "checkpoint_every_steps"):  # fmt: skip
+    for key in ("batch_size", "eval_batch_size"):  # checked against the data in dataset_info
         _positive_int(cfg, key)
+    for key in ("num_train_steps", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps"):  # fmt: skip
+        _positive_int(cfg, key, maximum=MAX_STEPS, why=": step counters are int32")
     if not isinstance(cfg["half_precision"], bool):
         raise config_errors.ConfigError(
             f"half_precision must be True or False, got {cfg['half_precision']!r}"

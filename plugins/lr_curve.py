@@ -67,7 +67,7 @@ def report(config: Any, *, out: str | None = "lr.png", width: int = 60, height: 
 
     total = optimizer_steps(config)
     optimizer = config["optimizer"]
-    values = schedules.curve(optimizer, total_steps=total)
+    sampled_steps, sampled = schedules.sampled_curve(optimizer, total_steps=total)
     lines = [schedules.text_plot(optimizer, total_steps=total, width=width, height=height), ""]
     accumulate = as_dict(optimizer).get("accumulate_steps") or 1
     if accumulate > 1:
@@ -76,12 +76,14 @@ def report(config: Any, *, out: str | None = "lr.png", width: int = 60, height: 
             f"accumulate_steps {accumulate}"
         )
     samples = sorted({0, *(int(round(f * (total - 1))) for f in (0.1, 0.25, 0.5, 0.75)), total - 1})
-    peak_step = int(np.argmax(values))
+    peak_step = int(sampled_steps[np.argmax(sampled)])
     samples = sorted(set(samples) | {peak_step})
+    # The listed steps exactly (the plots sample at most schedules.PLOT_POINTS steps).
+    values = schedules.create(optimizer, total_steps=total)
     lines.append(f"{'step':>10}  learning rate")
     for step in samples:
         note = "  (peak)" if step == peak_step else ""
-        lines.append(f"{step:>10}  {values[step]:.6g}{note}")
+        lines.append(f"{step:>10}  {float(np.float32(values(np.int32(step)))):.6g}{note}")
     if out:
         path = schedules.save_plot(optimizer, total_steps=total, path=out)
         lines.append(f"saved {os.path.abspath(path)}")

@@ -753,14 +753,36 @@ def create(optimizer_config: Any, *, total_steps: int, where: str = "optimizer")
 
 
 def curve(optimizer_config: Any, *, total_steps: int) -> np.ndarray:
-    """The learning rate at steps ``0 .. total_steps - 1`` as a float32 numpy array.
+    """The learning rate at every step ``0 .. total_steps - 1`` as a float32 numpy array.
 
-    Evaluated in one jitted, vectorised call (a million steps take well under a second).
+    Evaluated in one jitted, vectorised call (a million steps take well under a second); its
+    memory grows with ``total_steps``: plots use :func:`sampled_curve`.
     """
+    return sampled_curve(optimizer_config, total_steps=total_steps, points=int(total_steps))[1]
+
+
+# Points of the sampled curve behind the plots: plenty for a 1000-pixel-wide PNG.
+PLOT_POINTS = 20_001
+
+
+def sampled_curve(
+    optimizer_config: Any, *, total_steps: int, points: int = PLOT_POINTS
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, learning rates)`` at at most ``points`` evenly spaced steps of ``0 ..
+    total_steps - 1`` (every step when there are no more than ``points``; always the first and
+    the last): memory and time bounded by ``points``, whatever the number of steps."""
+    total_steps, points = int(total_steps), max(2, int(points))
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     schedule = create(optimizer_config, total_steps=total_steps)
-    steps = jnp.arange(int(total_steps), dtype=jnp.int32)
-    values = jax.jit(jax.vmap(lambda s: jnp.asarray(schedule(s), jnp.float32)))(steps)
-    return np.asarray(values, dtype=np.float32)
+    if total_steps <= points:
+        steps = np.arange(total_steps, dtype=np.int64)
+    else:
+        steps = np.unique(np.round(np.linspace(0, total_steps - 1, points)).astype(np.int64))
+    values = jax.jit(jax.vmap(lambda s: jnp.asarray(schedule(s), jnp.float32)))(
+        jnp.asarray(steps, jnp.int32)
+    )
+    return steps, np.asarray(values, dtype=np.float32)
 
 
 def _schedule_name(optimizer_config: Any) -> str:
@@ -784,11 +806,12 @@ def text_plot(optimizer_config: Any, *, total_steps: int, width: int = 60, heigh
     """
     if width < 2 or height < 2:
         raise ValueError(f"text_plot needs width >= 2 and height >= 2, got {width}x{height}")
-    values = curve(optimizer_config, total_steps=total_steps)
-    n = len(values)
-    cols = min(width, n)
-    steps = np.unique(np.round(np.linspace(0, n - 1, cols)).astype(np.int64))
+    all_steps, values = sampled_curve(optimizer_config, total_steps=total_steps)
+    n = int(total_steps)
+    cols = min(width, len(values))
+    steps = np.unique(np.round(np.linspace(0, len(values) - 1, cols)).astype(np.int64))
     sampled = values[steps].astype(np.float64)
+    steps = all_steps[steps]
     top = float(values.max())
     scale = top if top > 0 else 1.0
     rows = np.clip(np.round(sampled / scale * (height - 1)), 0, height - 1).astype(int)
@@ -799,7 +822,7 @@ def text_plot(optimizer_config: Any, *, total_steps: int, width: int = 60, heigh
             lo, hi = min(row, rows[c - 1] + 1), max(row, rows[c - 1] - 1)
         for k in range(lo, hi + 1):
             grid[k][c] = "*" if k == row else ":"
-    peak_step = int(np.argmax(values))
+    peak_step = int(all_steps[np.argmax(values)])
     labels = {height - 1: _fmt(top), 0: "0"}
     pad = max(len(s) for s in labels.values())
     lines = [
@@ -824,20 +847,17 @@ def save_plot(optimizer_config: Any, *, total_steps: int, path: str | os.PathLik
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    values = curve(optimizer_config, total_steps=total_steps)
-    stride = max(1, len(values) // 20_000)  # plenty of points for a 1000-pixel-wide plot
-    steps = np.arange(len(values))
-    keep = np.unique(np.append(steps[::stride], len(values) - 1))
+    steps, values = sampled_curve(optimizer_config, total_steps=total_steps)
     lr = as_dict(optimizer_config).get("learning_rate")
 
     fig = Figure(figsize=(8, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps[keep], values[keep], linewidth=1.5)
+    ax.plot(steps, values, linewidth=1.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
-    ax.set_title(f"{_schedule_name(optimizer_config)}: peak {lr:g}, {len(values)} steps")
-    ax.set_xlim(0, max(1, len(values) - 1))
+    ax.set_title(f"{_schedule_name(optimizer_config)}: peak {lr:g}, {int(total_steps)} steps")
+    ax.set_xlim(0, max(1, int(total_steps) - 1))
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

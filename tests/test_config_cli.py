@@ -132,3 +132,24 @@ def test_an_error_inside_the_config_file_is_one_line(tmp_path, body, why):
     path.write_text("import ml_collections\n\ndef get_config():\n" + body)
     line = _parse(["prog", f"--config={path}"])
     assert line == f"config error: cannot load --config={path}: {why}"
+
+
+def test_errors_of_a_config_files_own_code_are_one_line_naming_its_line(tmp_path):
+    import ml_collections
+
+    path = tmp_path / "bad.py"
+    path.write_text("def get_config():\n    raise RuntimeError('boom')\n")
+    argv = ["main.py", f"--config={path}"]
+    namespace: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    try:
+        namespace["get_config"]()
+    except RuntimeError as error:
+        assert config_cli.raised_in_config_file(error, argv) == 2
+        line = config_cli.config_code_error_line(error, argv)
+    assert line == f"config error: cannot load --config={path}: RuntimeError: boom (line 2)"
+    config = ml_collections.ConfigDict(dict(learning_rate=0.1))
+    with config_cli.no_bools_as_numbers(), pytest.raises(TypeError, match="original type"):
+        config.learning_rate = True
+    config.learning_rate = 1  # ints still become floats
+    assert config.learning_rate == 1.0

@@ -399,3 +399,77 @@ def test_a_dataset_that_cannot_be_downloaded_is_one_clear_error(tmp_path, monkey
     assert message.startswith(f"cannot prepare dataset 'mnist' in {tmp_path}")
     assert "ConnectionError: Max retries exceeded" in message and "needs network" in message
     assert "\n" not in message
+
+
+# ------------------------------------------------------------- checks before a run (issue 25)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "digits:9.9.9",
+            "dataset 'digits:9.9.9': 'digits' has no version 9.9.9 (its versions: 1.0.0)",
+        ),
+        ("digits/foo", "dataset 'digits/foo': 'digits' has no config 'foo' (it has no configs)"),
+        ("mnist:x", "dataset 'mnist:x': 'x' is not a version (name:MAJOR.MINOR.PATCH"),
+    ],
+)
+def test_a_version_or_config_that_does_not_exist_is_named(name, message, tmp_path):
+    with pytest.raises(config_errors.ConfigError) as info:
+        data.builder(name, str(tmp_path))
+    assert str(info.value).startswith(message), info.value
+
+
+def test_check_dataset_names_a_missing_split_and_a_batch_bigger_than_the_split(data_dir):
+    with pytest.raises(config_errors.ConfigError, match="split 'validation'"):
+        data.check_dataset("digits", data_dir=data_dir, eval_split="validation")
+    with pytest.raises(
+        config_errors.ConfigError, match=f"batch_size=4000 is more than the {N_TRAIN}"
+    ):
+        data.check_dataset("digits", data_dir=data_dir, batch_size=4000)
+    dataset = data.check_dataset("digits", data_dir=data_dir, batch_size=N_TRAIN)
+    assert data.eval_batch_size_limit(dataset, "test", 8) == 360  # 359 rounded up to 8
+
+
+def test_a_data_dir_that_is_a_file_or_cannot_be_written_is_a_data_error(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(data.DatasetUnavailable, match=f"data_dir {file} is a file"):
+        data.check_dataset("digits", data_dir=str(file))
+    with pytest.raises(data.DatasetUnavailable, match="which cannot be written"):
+        data.check_dataset("digits", data_dir="/proc/no-such-folder/tfds")
+
+
+def test_no_network_is_one_attempt_and_writes_no_data(tmp_path, monkeypatch):
+    attempts = []
+
+    def offline(host, timeout=10.0):
+        attempts.append(host)
+        return f"{host} cannot be reached: gaierror"
+
+    monkeypatch.setattr(data, "_network_problem", offline)
+    monkeypatch.setattr(
+        tfds.core.DatasetBuilder, "download_and_prepare", lambda *a, **k: pytest.fail("tried")
+    )
+    with pytest.raises(data.DatasetUnavailable, match="is not prepared in .* cannot be reached"):
+        data.check_dataset("mnist", data_dir=str(tmp_path))
+    assert len(attempts) == 1
+    assert not list(tmp_path.rglob("*.tfrecord*"))
+
+
+@pytest.mark.parametrize("damage", ["garbage_info", "empty_record", "truncated_record"])
+def test_damaged_dataset_files_are_a_data_error(damage, data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tfds"
+    shutil.copytree(data_dir, copy)
+    folder = next(p.parent for p in copy.rglob("dataset_info.json"))
+    if damage == "garbage_info":
+        (folder / "dataset_info.json").write_text("{garbage")
+    else:
+        record = next(folder.glob("*test.tfrecord*"))
+        record.write_bytes(b"" if damage == "empty_record" else record.read_bytes()[:100])
+    data.clear_cache()
+    with pytest.raises(data.DatasetUnavailable, match=str(copy)):
+        data.load_split("digits", "test", data_dir=str(copy))

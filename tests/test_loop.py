@@ -21,7 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from plugins import cli, config_cli, loop, metrics
+from plugins import cli, config_cli, config_errors, loop, metrics
 
 # w holds 640 floats: stored in its own data file, not inline in orbax's (CRC-checked) b-tree.
 FEATURES, CLASSES = 64, 10
@@ -543,3 +543,25 @@ def test_an_empty_workdir_is_refused(tmp_path, monkeypatch):
         fit("")
     assert stopped.value.code.startswith("workdir error: --workdir is empty")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("seed", 2**64, "seed must be an int <= 4294967295"),
+        ("num_train_steps", 2**31, "num_train_steps must be an int <= 2147483647"),
+        ("num_train_steps", 2**70, "num_train_steps must be an int <= 2147483647"),
+    ],
+)
+def test_seeds_and_step_counts_beyond_what_jax_counts_are_refused(key, value, message):
+    config = _config()
+    config[key] = value
+    with pytest.raises(config_errors.ConfigError, match=message):
+        loop.check_config(config, model_check=lambda model: None)
+
+
+def test_a_config_that_is_not_a_configdict_is_refused():
+    with pytest.raises(
+        config_errors.ConfigError, match="must be an ml_collections.ConfigDict, got a dict"
+    ):
+        loop.check_config(_config().to_dict(), model_check=lambda model: None)

@@ -628,3 +628,13 @@ def test_custom_where_prefix():
         schedules.create(
             dict(learning_rate=-1), total_steps=10, where="optimizer.param_groups[0].optimizer"
         )
+
+
+def test_sampled_curve_is_bounded_whatever_the_number_of_steps():
+    cfg = dict(learning_rate=PEAK, schedule=dict(name="warmup_cosine", warmup_steps=0.1))
+    steps, values = schedules.sampled_curve(cfg, total_steps=2**31 - 1, points=1001)
+    assert len(steps) == len(values) <= 1001
+    assert steps[0] == 0 and steps[-1] == 2**31 - 2
+    small_steps, small = schedules.sampled_curve(cfg, total_steps=TOTAL)
+    np.testing.assert_array_equal(small_steps, np.arange(TOTAL))
+    np.testing.assert_array_equal(small, schedules.curve(cfg, total_steps=TOTAL))

@@ -178,6 +178,11 @@ CASES = [
     ),
     (from_override, "optimizer.learning_rate", 0.0, "optimizer.learning_rate must be > 0, got 0.0"),
     (from_override, "seed", -1, "seed must be an int >= 0, got -1"),
+    (from_file, "seed", 2**64, "seed must be an int <= 4294967295"),
+    (from_file, "num_train_steps", 2**31, "num_train_steps must be an int <= 2147483647"),
+    (from_file, "dataset", "digits:9.9.9", "'digits' has no version 9.9.9"),
+    (from_file, "dataset", "digits/foo", "'digits' has no config 'foo'"),
+    (from_override, "batch_size", 4000, "batch_size=4000 is more than the 1438 examples"),
     (from_override, "log_every_steps", 0, "log_every_steps must be an int >= 1, got 0"),
     (from_override, "model.dense", -3, "model.dense must be an int >= 1, got -3"),
     (

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+from absl import logging
 from plugins import augment, config_errors
 from plugins import data as plugins_data  # registers the offline ``digits`` dataset
 
@@ -26,27 +27,52 @@ TRAIN_SPLIT = "train"
 EVAL_SPLIT = "test"
 
 
-def dataset_info(config: Any) -> tuple[int, tuple[int, int, int]]:
+def dataset_info(config: Any, *, check_data: bool = True) -> tuple[int, tuple[int, int, int]]:
     """Returns ``(num_classes, (H, W, C))``: the classes of ``config.dataset`` and the shape of
     its images as the model takes them (after ``config.augment``, e.g. a resize).
 
-    Reads no data (works before the dataset is downloaded); an unknown dataset, or augmentation
-    ops that cannot take its images, raise ``ConfigError``.
+    With ``check_data``, first makes sure that the run's data is there, before anything compiles
+    or is written (``plugins.data.check_dataset``): the dataset is prepared (downloaded now if
+    need be: one attempt), has ``TRAIN_SPLIT`` and ``EVAL_SPLIT``, and ``batch_size`` fits the
+    first; an ``eval_batch_size`` beyond the evaluation split (rounded up to the devices) is
+    lowered to it, with a warning (a bigger one is only padding). Without, reads only metadata
+    (works before the dataset is downloaded). An unknown dataset, a bad batch size or
+    augmentation ops that cannot take its images raise ``ConfigError``; data that cannot be had
+    ``DatasetUnavailable``.
     """
-    num_classes = _dataset_info(config)[0]
+    num_classes = _dataset_info(config, check_data=check_data)[0]
     return num_classes, augmentation(config).output_shape
 
 
 def augmentation(config: Any) -> augment.Pipeline:
     """The ``plugins.augment`` pipeline of ``config.augment`` for the dataset's images
     (``input_shape``: the dataset's image shape, ``output_shape``: the model's)."""
-    num_classes, shape = _dataset_info(config)
+    num_classes, shape = _dataset_info(config, check_data=False)
     return augment.create(config.get("augment"), shape, num_classes)
 
 
-def _dataset_info(config: Any) -> tuple[int, tuple[int, int, int]]:
-    """``(num_classes, (H, W, C))`` of ``config.dataset``'s images, from its tfds metadata."""
-    features = plugins_data.builder(config.dataset, config.data_dir).info.features
+def _dataset_info(config: Any, *, check_data: bool) -> tuple[int, tuple[int, int, int]]:
+    """``(num_classes, (H, W, C))`` of ``config.dataset``'s images, from its tfds metadata
+    (with ``check_data``, after checking the data: see ``dataset_info``)."""
+    if check_data:
+        dataset = plugins_data.check_dataset(
+            config.dataset,
+            data_dir=config.data_dir,
+            train_split=TRAIN_SPLIT,
+            eval_split=EVAL_SPLIT,
+            batch_size=config.batch_size,
+        )
+        most = plugins_data.eval_batch_size_limit(dataset, EVAL_SPLIT, jax.device_count())
+        if most is not None and config.eval_batch_size > most:
+            logging.warning(
+                "eval_batch_size=%d is more than split %r of %r holds (rounded up to the %d "
+                "devices): evaluating in batches of %d", config.eval_batch_size, EVAL_SPLIT,
+                config.dataset, jax.device_count(), most,
+            )  # fmt: skip
+            config.eval_batch_size = most
+    else:
+        dataset = plugins_data.builder(config.dataset, config.data_dir)
+    features = dataset.info.features
     missing = [k for k in ("image", "label") if k not in features]
     if missing:
         raise config_errors.ConfigError(

@@ -58,7 +58,7 @@ def export_model(
 ) -> Path:
     """Exports the model of the checkpoint of ``step`` (default: the latest) with
     ``plugins.export.save`` into ``out`` (default ``<workdir>/export``); returns that folder."""
-    _, input_shape = input_pipeline.dataset_info(config)
+    _, input_shape = input_pipeline.dataset_info(config, check_data=False)
     step, forward = train.trained_model(config, workdir, step=step)
     info: dict[str, Any] = dict(step=step, dataset=config.dataset, model=config.model.to_dict())
     return export.save(

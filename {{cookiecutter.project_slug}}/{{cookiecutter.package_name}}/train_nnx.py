@@ -151,7 +151,7 @@ def eval_step(
 def init_params(config: ml_collections.ConfigDict) -> dict:
     """The model's freshly initialised parameters as a nested dict of numpy arrays
     (what ``train_and_evaluate`` starts from without ``init_params``)."""
-    model = create_model(config, *input_pipeline.dataset_info(config))
+    model = create_model(config, *input_pipeline.dataset_info(config, check_data=False))
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
@@ -239,7 +239,7 @@ def trained_model(
     ``workdir`` as ``forward(images) -> logits``, in evaluation mode with the evaluation
     parameters (the EMA ones if configured), on one device."""
     loop.check_config(config, model_check=models.check_model_config)
-    num_classes, input_shape = input_pipeline.dataset_info(config)
+    num_classes, input_shape = input_pipeline.dataset_info(config, check_data=False)
     tx = optim.create(config.optimizer, total_steps=config.num_train_steps)
     graphdef, state = create_train_state(config, tx, num_classes, input_shape)
     step, state = loop.restore(workdir, state, step=step)
