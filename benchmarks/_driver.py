@@ -5,6 +5,7 @@
     python _driver.py tta PACKAGE PARENT_START_TIME WORKDIR CACHE_DIR
     python _driver.py resnet PACKAGE BLOCKS STEPS_PER_BLOCK BATCH STAGES FILTERS HALF
     python _driver.py fsdp PACKAGE BLOCKS STEPS_PER_BLOCK WIDTH DEPTH BATCH
+    python _driver.py hlo PACKAGE MODEL BATCH ABLATE [STAGES FILTERS HALF]
 
 Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
 
@@ -23,16 +24,24 @@ Prints one JSON line last. Launched by ``benchmarks._template.run_driver``.
   and one fixed CIFAR-10-shaped batch against the same model called as a pure function in a
   hand-written ``jax.jit`` step; steps/s and XLA's FLOPs per step of each. Built with
   ``build``, without TensorFlow or tensorflow-datasets (refused if imported).
+- ``hlo``: no timing: the variant's train step (``build``) and :func:`hand_written_model`
+  compiled for one batch of the default CNN (``MODEL=cnn``) or of the CIFAR-10 config's ResNet
+  (``MODEL=resnet``, sizes given), and the variant's step again with parts of its metrics left
+  out (:func:`_metrics_without`; ``ABLATE=0`` skips those); each compiled program's kernels,
+  custom calls, transposes and copies from its HLO text, and bytes accessed from XLA's cost and
+  memory analyses (:func:`hlo_counts`).
 - ``tta``: ``main.py --config=configs/default.py`` in this process, timing the imports, the
   compilation (JAX's own compile events) and the first evaluation at >= 97% accuracy.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import logging
 import os
+import re
 import runpy
 import statistics
 import sys
@@ -549,6 +558,152 @@ def resnet(
     )
 
 
+# Entry-computation instructions that launch no kernel: they name, bundle or unbundle buffers.
+NOT_KERNELS = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast"})
+_OPCODE = re.compile(r"=\s.*?\s([a-z][a-z0-9_-]*)\(")
+
+
+def entry_opcodes(hlo_text: str) -> list[str]:
+    """The opcode of each instruction of the entry computation of an HLO module's text (the
+    program's top level: each fusion there is one kernel; fused computations are not read)."""
+    opcodes, inside = [], False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY "):
+            inside = True
+        elif inside and line.startswith("}"):
+            break
+        elif inside and " = " in line:
+            match = _OPCODE.search(line)
+            if match:
+                opcodes.append(match.group(1))
+    return opcodes
+
+
+def hlo_counts(compiled) -> dict:
+    """Structural counts of a compiled program (``jax.stages.Compiled``), from its optimised HLO
+    (``as_text()``) and XLA's cost and memory analyses: ``kernels`` (entry-computation
+    instructions but :data:`NOT_KERNELS`), ``fusions``, ``custom_calls``, ``transposes``
+    (top-level ``transpose`` and ``copy``), ``collectives`` (all-reduce, all-gather, ...),
+    ``conditionals``, ``bytes_accessed`` (cost analysis), ``temp_bytes`` and ``argument_bytes``
+    (memory analysis), ``flops``, and ``opcodes`` (how many of each top-level opcode)."""
+    text = compiled.as_text()
+    if isinstance(text, list | tuple):
+        text = text[0]
+    opcodes = entry_opcodes(text)
+    count = lambda *names: sum(op in names for op in opcodes)  # noqa: E731
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # one entry per device program in older jax versions
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    memory = compiled.memory_analysis()
+    collectives = sum(
+        op.split("-start")[0] in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                                  "collective-permute")
+        for op in opcodes if not op.endswith("-done")
+    )  # fmt: skip
+    kernels = [op for op in opcodes if op not in NOT_KERNELS]
+    return dict(
+        kernels=len(kernels),
+        fusions=count("fusion"),
+        custom_calls=count("custom-call"),
+        transposes=count("transpose", "copy"),
+        collectives=collectives,
+        conditionals=count("conditional"),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0)),
+        argument_bytes=int(getattr(memory, "argument_size_in_bytes", 0)),
+        flops=float(cost.get("flops", 0.0)),
+        opcodes=dict(collections.Counter(kernels)),
+    )
+
+
+# Parts of ``plugins.metrics.train_step_metrics`` that ``hlo`` leaves out, cumulatively: each
+# level's program differs from the one before by that part only.
+METRIC_PARTS = ("learning_rate", "grad_norm", "accuracy")
+
+
+def _metrics_without(parts) -> Callable:
+    """``plugins.metrics.train_step_metrics`` fed constants in place of the inputs of ``parts``
+    (``learning_rate``: the learning rate and non-finite count read from the optimizer state;
+    ``grad_norm``: the gradients, so no norm and no finite check; ``accuracy``: the logits and
+    labels), which XLA folds away: the step's program without those parts, everything else (the
+    loss, the merge into the metrics carried, the trainer) as it is."""
+    import jax.numpy as jnp
+
+    from plugins import metrics
+
+    original = metrics.train_step_metrics
+
+    def train_step_metrics(*, loss, logits, labels, grads, learning_rate, nonfinite_count=0,
+                           axis_name=None):  # fmt: skip
+        if "accuracy" in parts:
+            logits = jnp.zeros((1, logits.shape[-1]), logits.dtype)
+            labels = jnp.zeros((1,), labels.dtype)
+        if "grad_norm" in parts:
+            grads = jnp.zeros([], jnp.float32)
+        if "learning_rate" in parts:
+            learning_rate, nonfinite_count = jnp.zeros([]), jnp.zeros([])
+        return original(
+            loss=loss, logits=logits, labels=labels, grads=grads, learning_rate=learning_rate,
+            nonfinite_count=nonfinite_count, axis_name=axis_name,
+        )  # fmt: skip
+
+    return train_step_metrics
+
+
+def hlo(package: str, model: str, batch_size: str, ablate: str = "1", stages: str = "",
+        filters: str = "", half: str = "0") -> dict:  # fmt: skip
+    """Compiles (never runs) the variant's train step, the same step with parts of its metrics
+    left out, and :func:`hand_written_model`, for one batch of ``model`` (``cnn``: the default
+    config's CNN on digits-shaped images; ``resnet``: the CIFAR-10 config's ResNet at the sizes
+    given); :func:`hlo_counts` of each."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        sys.modules.setdefault(name, None)  # no TensorFlow needed (nor its import time)
+    import jax
+    import numpy as np
+
+    from plugins import data, metrics
+
+    if model == "cnn":
+        from configs import default
+
+        config, classes, shape = default.get_config(), 10, (8, 8, 1)  # digits' facts
+    elif model == "resnet":
+        from configs import cifar10
+
+        config, classes, shape = cifar10.get_config(), CIFAR10_CLASSES, CIFAR10_SHAPE
+        config.model.stage_sizes = tuple(int(s) for s in stages.split(","))
+        config.model.num_filters = int(filters)
+        config.half_precision = half == "1"
+    else:
+        raise ValueError(f"model {model!r}: use cnn or resnet")
+    config.batch_size = int(batch_size)
+    host = data.example_batch(shape, config.batch_size)
+    host["label"] = np.arange(config.batch_size, dtype=np.int32) % classes
+    counts = {}
+    levels = [("variant", ())]
+    if ablate == "1":
+        levels += [
+            ("without_" + "_".join(METRIC_PARTS[: i + 1]), METRIC_PARTS[: i + 1])
+            for i in range(len(METRIC_PARTS))
+        ]
+    original = metrics.train_step_metrics
+    for key, parts in levels:
+        metrics.train_step_metrics = _metrics_without(parts) if parts else original
+        try:
+            built = build(package, config, classes, shape)
+            dp = built.dp
+            args = (dp.put_state(built.state), dp.put_state(metrics.TrainMetrics.empty()))
+            batch = next(dp.train_batches([host]))
+            counts[key] = hlo_counts(built.train_step.lower(*args, batch).compile())
+        finally:
+            metrics.train_step_metrics = original
+    hstep, hargs = hand_written_model(package, config, classes, shape, built.dtype)
+    hbatch = (jax.numpy.asarray(host["image"]), jax.numpy.asarray(host["label"]))
+    counts["hand"] = hlo_counts(hstep.lower(*hargs, *hbatch).compile())
+    return dict(device=f"{jax.device_count()} x {jax.devices()[0].device_kind}", **counts)
+
+
 def tta(package: str, parent_start: str, workdir: str, cache_dir: str) -> dict:
     """``main.py`` on the default config, timed from the parent's ``Popen``."""
     parent_start = float(parent_start)
@@ -664,7 +819,7 @@ if __name__ == "__main__":
     mode, package, *args = sys.argv[1:]
     modes = {
         "overhead": overhead, "throughput": throughput, "tta": tta, "resnet": resnet,
-        "fsdp": fsdp,
+        "fsdp": fsdp, "hlo": hlo,
     }  # fmt: skip
     result = modes[mode](package, *args)
     print(json.dumps(result), flush=True)

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "grad_layout": "benchmarks.bench_grad_layout",
     "fsdp": "benchmarks.bench_fsdp",
     "resnet": "benchmarks.bench_resnet",
+    "hlo": "benchmarks.bench_hlo",
 }
 # Run by default only where JAX's default backend is an accelerator (name them to run anyway).
 ACCELERATOR_ONLY = ("resnet",)
