@@ -5,7 +5,9 @@
    holds no file that its variant does not use. Regenerating with ``-f -s`` keeps a plain-named
    file the project already had (see ``hooks/pre_gen_project.py``).
 2. Pins the ``flax-plugins`` dependency in ``pyproject.toml`` to where the template came from:
-   a local template as ``flax-plugins @ file:///abs/path``, a zip of it as
+   a local template folder as ``flax-plugins @ git+URL@<commit>`` when it is a clean git
+   checkout of a commit a network remote holds (installable anywhere), else as
+   ``flax-plugins @ file:///abs/path`` (a development option), a zip of it as
    ``flax-plugins @ file:///abs/path.zip`` (or its URL), a git template as
    ``flax-plugins @ git+URL@<commit>``. ``pip install -e .`` then just works.
 """
@@ -90,6 +92,32 @@ def cloned_commit(clone: Path) -> str | None:
     return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+    except OSError:
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+NETWORK_URL = re.compile(r"^(https?|ssh|git)://|^[\w.-]+@[\w.-]+:(?!//)")
+
+
+def published_url(root: Path) -> str | None:
+    """``git+URL@commit`` for a local template folder that is a clean git checkout whose commit
+    a remote with a network URL holds (one of its remote-tracking branches contains it): a pin
+    that installs anywhere. None otherwise (then the folder's path: a development option)."""
+    commit = cloned_commit(root)
+    if commit is None or _git(root, "status", "--porcelain", "--untracked-files=no") != "":
+        return None  # not git, or local changes the commit does not hold
+    branches = _git(root, "branch", "-r", "--contains", commit, "--format=%(refname:short)")
+    for branch in (branches or "").split():
+        url = _git(root, "remote", "get-url", branch.split("/")[0])
+        if url and NETWORK_URL.match(url):
+            return f"{git_url(url)}@{commit}"
+    return None
+
+
 def requirement() -> str:
     """The pinned ``flax-plugins`` requirement for the generated pyproject.toml."""
     if TEMPLATE.lower().endswith(".zip"):  # cookiecutter unpacks it to a folder it deletes
@@ -101,7 +129,8 @@ def requirement() -> str:
         ref = cloned_commit(TEMPLATE_ROOT) or CHECKOUT
         return f"{DIST} @ {url}@{ref}" if ref else f"{DIST} @ {url}"
     if TEMPLATE_ROOT.is_absolute() and _is_plugins_repo(TEMPLATE_ROOT):
-        return f"{DIST} @ {TEMPLATE_ROOT.as_uri()}"
+        published = published_url(TEMPLATE_ROOT)
+        return f"{DIST} @ {published or TEMPLATE_ROOT.as_uri()}"
     print(
         f"warning: could not tell where the template came from ({TEMPLATE!r}); "
         f"pyproject.toml depends on plain '{DIST}'.",

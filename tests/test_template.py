@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,11 +116,60 @@ def test_variant_files_names_and_lint(tmp_path, model_api, parallelism):
         subprocess.run(fmt, cwd=path, check=True)
 
 
-def test_local_template_pins_plugins_as_file_url(tmp_path):
-    project = generate(tmp_path, project_name="pinned")
-    text = (project / "pyproject.toml").read_text()
-    assert f'"flax-plugins @ {REPO.as_uri()}",' in text
-    assert text.count('"flax-plugins') == 1
+def _template_copy(where: Path) -> Path:
+    """This repository's tracked files (the template and plugins) copied to ``where``."""
+    files = (
+        subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, where / name)
+    return where
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_local_template_pins_plugins_as_file_url_or_its_published_commit(tmp_path):
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    template = _template_copy(tmp_path / "template")
+
+    def pin(name: str) -> str:
+        # In a process of its own: this one has imported this repository's hooks already.
+        subprocess.run(
+            [str(BIN / "cookiecutter"), str(template), "--no-input", "-o", str(tmp_path / name),
+             "--config-file", str(_isolated_config(tmp_path)), "project_name=pinned"],
+            cwd=tmp_path, check=True, capture_output=True,
+        )  # fmt: skip
+        project = tmp_path / name / "pinned"
+        text = (project / "pyproject.toml").read_text()
+        assert text.count('"flax-plugins') == 1
+        return next(line for line in text.splitlines() if '"flax-plugins' in line).strip()
+
+    # A folder that is not a git checkout: its path (a development option).
+    assert pin("plain") == f'"flax-plugins @ {template.as_uri()}",'
+    # A clean checkout whose commit a network remote holds: that remote's URL and commit.
+    _git(template, "init", "-q")
+    _git(template, "add", "-A")
+    _git(template, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "template")
+    _git(template, "remote", "add", "origin", "https://example.com/owner/flax-plugins.git")
+    _git(template, "update-ref", "refs/remotes/origin/main", "HEAD")
+    commit = _git(template, "rev-parse", "HEAD")
+    url = f"git+https://example.com/owner/flax-plugins.git@{commit}"
+    assert pin("published") == f'"flax-plugins @ {url}",'
+    # Local changes the commit does not hold, or a commit no network remote has: the path.
+    (template / "README.md").write_text("changed\n")
+    assert pin("changed") == f'"flax-plugins @ {template.as_uri()}",'
+    _git(template, "checkout", "-q", "README.md")
+    _git(template, "remote", "set-url", "origin", str(tmp_path / "elsewhere"))
+    assert pin("local-remote") == f'"flax-plugins @ {template.as_uri()}",'
 
 
 def test_answers_with_quotes_stay_valid_toml_and_python(tmp_path):
