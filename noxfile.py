@@ -127,7 +127,11 @@ def template(session: nox.Session, model_api: str, parallelism: str) -> None:
     session.run(sys.executable, "-m", "ruff", "format", "--no-cache", "--check", ".")
     for suite in PROJECT_SUITES.get((model_api, parallelism), ()) + ("processes.py",):
         shutil.copy(ROOT / "tests" / "project_suites" / suite, project / "tests" / suite)
-    session.run(str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    # Two workers, a test file each at a time (a file's module fixtures are built once).
+    workers = ["-n", "2", "--dist", "loadfile"]
+    session.run(
+        str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *session.posargs
+    )
     workdir = out / "quick-run"
     session.run(
         str(python), "main.py", "--config=configs/quick.py", f"--workdir={workdir}",

@@ -224,7 +224,10 @@ NEEDS_PARAMS = {"optimizer.weight_decay_mask", "optimizer.freeze"}
 @pytest.mark.parametrize(
     "make, key, value, message",
     CASES,
-    ids=[f"{make.__name__}:{key}={value!r}" for make, key, value, _ in CASES],
+    ids=[  # stable names (pytest-xdist's workers must collect the same ones)
+        f"{make.__name__}:{key}={'<deleted>' if value is DELETE else repr(value)}"
+        for make, key, value, _ in CASES
+    ],
 )
 def test_bad_config_is_one_line_before_anything_compiles(tmp_path, make, key, value, message):
     config = make(key, value)
