@@ -197,6 +197,9 @@ def parse_error_line(error: BaseException, argv: Sequence[str]) -> str:
     """The one line for an error in ``PARSE_ERRORS`` raised while parsing ``argv``."""
     if isinstance(error, flags.Error):  # e.g. --config.num_train_steps=abc
         in_file = config_file_error_line(str(error), argv)
+        if not in_file and config_path(argv) and "--config must have a value" in str(error):
+            # absl's words for a config file whose get_config() returned None
+            in_file = cannot_load_line(argv, "get_config() returned None, not a ConfigDict")
         return in_file or f"flag error: {' '.join(str(error).split())}"
     if isinstance(error, SyntaxError):  # in the config file
         return cannot_load_line(argv, f"{error.msg} (line {error.lineno})")

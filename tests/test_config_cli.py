@@ -153,3 +153,26 @@ def test_errors_of_a_config_files_own_code_are_one_line_naming_its_line(tmp_path
         config.learning_rate = True
     config.learning_rate = 1  # ints still become floats
     assert config.learning_rate == 1.0
+
+
+def test_a_config_file_whose_get_config_returns_none_is_one_config_error(tmp_path):
+    # As main.py defines it: --config required (absl then says the value is None).
+    path = tmp_path / "none.py"
+    path.write_text("def get_config():\n    pass\n")
+    argv = ["prog", f"--config={path}"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    flags.mark_flag_as_required("config", flag_values=fv)
+    with pytest.raises(config_cli.PARSE_ERRORS) as raised:
+        fv(argv)
+    why = "get_config() returned None, not a ConfigDict"
+    assert config_cli.parse_error_line(raised.value, argv) == (
+        f"config error: cannot load --config={path}: {why}"
+    )
+    missing = ["prog"]  # no --config at all stays absl's flag error
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=missing)
+    flags.mark_flag_as_required("config", flag_values=fv)
+    with pytest.raises(config_cli.PARSE_ERRORS) as raised:
+        fv(missing)
+    assert config_cli.parse_error_line(raised.value, missing).startswith("flag error: ")
