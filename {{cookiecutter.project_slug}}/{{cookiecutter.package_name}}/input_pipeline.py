@@ -40,8 +40,8 @@ def dataset_info(config: Any, *, check_data: bool = True) -> tuple[int, tuple[in
     augmentation ops that cannot take its images raise ``ConfigError``; data that cannot be had
     ``DatasetUnavailable``.
     """
-    num_classes = _dataset_info(config, check_data=check_data)[0]
-    return num_classes, augmentation(config).output_shape
+    num_classes, shape = _dataset_info(config, check_data=check_data)
+    return num_classes, augment.create(config.get("augment"), shape, num_classes).output_shape
 
 
 def augmentation(config: Any) -> augment.Pipeline:
