@@ -161,6 +161,19 @@ def test_finished_run_only_evaluates(tmp_path):
     assert again["eval_accuracy"] == first["eval_accuracy"][-1:]
 
 
+def _assert_resumed_from(step: int, config: Any, tmp_path: Path) -> None:
+    """A run resumed from the checkpoint of ``step`` of the uninterrupted run in
+    ``tmp_path / 'straight'`` ends with that run's final parameters, bitwise."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / str(step), resumed / "checkpoints" / str(step))
+    train.train_and_evaluate(config, str(resumed))
+    last = str(config.num_train_steps)
+    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / last / "default")
+             for w in (straight, resumed)]  # fmt: skip
+    for a, b in zip(*(jax.tree.leaves(f) for f in final), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_vit_with_dropout_learns_digits_and_resumes_exactly(tmp_path):
     """A small ViT (scanned blocks, remat, dropout) learns the digits; its dropout masks depend
     only on (seed, step), so a run resumed from a checkpoint ends with the parameters of the
@@ -174,13 +187,7 @@ def test_vit_with_dropout_learns_digits_and_resumes_exactly(tmp_path):
     history = train.train_and_evaluate(config, str(tmp_path / "straight"))
     assert history["eval_accuracy"][-1][1] > 0.5  # chance: 0.1
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "50", resumed / "checkpoints" / "50")
-    train.train_and_evaluate(config, str(resumed))
-    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "100" / "default")
-             for w in (tmp_path / "straight", resumed)]  # fmt: skip
-    for a, b in zip(*(jax.tree.leaves(f) for f in final), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_resumed_from(50, config, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -340,10 +347,4 @@ def test_mixup_run_compiles_once_and_resumes_exactly(tmp_path, monkeypatch, capl
         assert all(math.isfinite(value) for _, value in history[name]), name
     assert all(0 <= value <= 1 for _, value in history["train_accuracy"])
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "10", resumed / "checkpoints" / "10")
-    train.train_and_evaluate(config, str(resumed))
-    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "20" / "default")
-             for w in (tmp_path / "straight", resumed)]  # fmt: skip
-    for a, b in zip(*(jax.tree.leaves(f) for f in final), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_resumed_from(10, config, tmp_path)
