@@ -91,8 +91,7 @@ def load_config(flag: Any) -> Any:
 
 class QuietLibraries(std_logging.Filter):
     """Drops the INFO chatter of orbax and tfds; keeps warnings, but for orbax's on each resume
-    that an item has no ``_CHECKPOINT_METADATA`` (only the step has one: orbax writes it so).
-    clu's progress notes (steps/s, percent done, ETA) stay."""
+    that an item has no ``_CHECKPOINT_METADATA`` (only the step has one: orbax writes it so)."""
 
     NOISY = ("/orbax/", "/tensorflow_datasets/")
     # orbax's errors (with tracebacks) on a full disk or a damaged checkpoint: the run's own

@@ -4,8 +4,8 @@
 ``eval_step``, compiles them for the devices (its ``parallel.py``) and calls :func:`fit`, which
 does what every run needs and no step should:
 
-- metrics go to TensorBoard and the console (clu metric writers; only process 0 writes), with
-  progress and ETA (clu's ``ReportProgress``);
+- metrics go to TensorBoard (clu's metric writers; process 0 writes) and to the console, one line
+  per log step with the percent done and the ETA (timed by clu's ``ReportProgress``);
 - the train step carries its metrics (``plugins.metrics.TrainMetrics``) on the devices, so the
   hot loop never waits for the host except at log, eval and checkpoint steps, and never runs
   more than ``MAX_STEPS_IN_FLIGHT`` steps ahead of the devices (:class:`Fence`);
@@ -684,6 +684,53 @@ class _Progress:
         return taken
 
 
+class _NoProgressNotes(std_logging.Filter):
+    """Drops clu's progress note ("Setting work unit notes: ... steps/s, ...% ETA"): the log
+    step's line (:func:`console_line`) says the same."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting work unit notes")
+
+
+@contextlib.contextmanager
+def _progress_in_the_log_line() -> Iterator[None]:
+    absl_logger, notes = logging.get_absl_logger(), _NoProgressNotes()
+    absl_logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notes)
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``1h02m``, ``3m05s`` or ``12s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e6 else f"{value:.4g}"
+
+
+def console_line(
+    step: int, total_steps: int, scalars: dict[str, float], progress: dict[str, float] | None
+) -> str:
+    """The console's line for ``step``: its metrics and, at a log step (``progress`` holds clu's
+    ``steps_per_sec``), the percent done, the ETA and the speed, e.g.
+    ``step 50/600 (8%, ETA 2s, 191.2 steps/s): train_loss=1.842 train_accuracy=0.545``."""
+    where = f"step {step}/{total_steps}"
+    rate = (progress or {}).get("steps_per_sec")
+    if rate:
+        eta = _duration((total_steps - step) / rate)
+        where += f" ({100 * step / total_steps:.0f}%, ETA {eta}, {rate:.1f} steps/s)"
+    shown = ", ".join(f"{name}={_number(value)}" for name, value in scalars.items())
+    return f"{where}: {shown}"
+
+
 class _Profile:
     """A ``jax.profiler`` trace of ``steps`` training steps, ``PROFILE_AFTER_STEPS`` after the
     run's ``first`` step, into ``<workdir>/plugins/profile/<time>/`` (TensorBoard's profile
@@ -836,7 +883,13 @@ def _fit(
     tensorflow_setup.wait(WRITER_MODULES)
     from clu import metric_writers, periodic_actions
 
-    writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_chief)
+    # TensorBoard events from process 0; the console gets one line per log step from ``write``
+    # (clu's LoggingWriter would print the metrics and its progress note as two).
+    writer = metric_writers.MultiWriter(
+        [metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir_path)))]
+        if is_chief
+        else []
+    )
     plot_thread = None
     if is_chief:
         # Each run records its own config (a rerun may train longer, or with another batch size).
@@ -860,7 +913,8 @@ def _fit(
     skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
 
     def write(step: int, scalars: dict[str, float], progress: dict | None = None) -> None:
-        writer.write_scalars(step, {**scalars, **(progress or {})})  # one line per log step
+        writer.write_scalars(step, {**scalars, **(progress or {})})
+        logging.info("%s", console_line(step, total_steps, scalars, progress))
         for name, value in scalars.items():
             history[name].append((step, value))
 
@@ -982,7 +1036,7 @@ def _fit(
     preempted_at = None
     profile = _Profile(workdir_path, config.get("profile_steps", 0), first=initial_step + 1)
     try:
-        with preemption, metric_writers.ensure_flushes(writer):
+        with preemption, metric_writers.ensure_flushes(writer), _progress_in_the_log_line():
             fence = Fence()
             for step in range(initial_step + 1, total_steps + 1):
                 profile.before(step)

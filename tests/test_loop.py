@@ -565,3 +565,26 @@ def test_a_config_that_is_not_a_configdict_is_refused():
         config_errors.ConfigError, match="must be an ml_collections.ConfigDict, got a dict"
     ):
         loop.check_config(_config().to_dict(), model_check=lambda model: None)
+
+
+def test_each_log_step_is_one_console_line_with_progress(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path)
+    lines = [r.getMessage() for r in caplog.records]
+    for step in (2, 4, 6):
+        (line,) = [x for x in lines if x.startswith(f"step {step}/6 (")]
+        assert f"({100 * step / 6:.0f}%, ETA " in line and " steps/s): " in line, line
+        assert "train_loss=" in line and "uptime" not in line, line
+    assert [x for x in lines if x.startswith("step 6/6: eval_")], lines  # the evaluation's line
+    assert not [x for x in lines if "Setting work unit notes" in x or x.startswith("[2]")]
+
+
+def test_console_line_formats_durations_and_numbers():
+    progress = dict(steps_per_sec=2.0, uptime=1.0)
+    line = loop.console_line(7, 7207, dict(train_loss=0.123456, nonfinite_count=0.0), progress)
+    assert line == "step 7/7207 (0%, ETA 1h00m, 2.0 steps/s): train_loss=0.1235, nonfinite_count=0"
+    assert loop.console_line(10, 20, dict(eval_accuracy=1.0), None) == (
+        "step 10/20: eval_accuracy=1"
+    )
+    assert "ETA 3m05s" in loop.console_line(0, 185, {}, dict(steps_per_sec=1.0))
+    assert "ETA 12s" in loop.console_line(0, 12, {}, dict(steps_per_sec=1.0))
