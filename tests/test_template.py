@@ -93,7 +93,7 @@ def test_variant_files_names_and_lint(tmp_path, model_api, parallelism):
     else:
         assert "class TrainState(train_state.TrainState)" in train
         assert "from flax import linen as nn" in models
-    assert ("sharding.pmap(fn, AXIS_NAME" in parallel) == (parallelism == "pmap")
+    assert ("jax.shard_map(" in parallel) == (parallelism == "pmap")
     assert ("sharding.mesh_from_axes(" in parallel) == (parallelism == "jit")
 
     for path in project.rglob("*.py"):
@@ -298,7 +298,7 @@ def test_cli_no_input_with_choices(tmp_path):
     )  # fmt: skip
     project = tmp_path / "flax-project"
     assert "train_state.TrainState" in (project / "flax_project" / "train.py").read_text()
-    assert "sharding.pmap(fn, AXIS_NAME" in (project / "flax_project" / "parallel.py").read_text()
+    assert "jax.shard_map(" in (project / "flax_project" / "parallel.py").read_text()
 
 
 def test_prompts_cover_every_variable():
@@ -857,7 +857,7 @@ def test_interactive_prompts_answered_on_stdin(tmp_path):
     assert "Flax model API" in result.stdout and "Data parallelism" in result.stdout
     project = tmp_path / "my-net"
     assert "train_state.TrainState" in (project / "my_net" / "train.py").read_text()
-    assert "sharding.pmap(fn, AXIS_NAME" in (project / "my_net" / "parallel.py").read_text()
+    assert "jax.shard_map(" in (project / "my_net" / "parallel.py").read_text()
 
 
 def test_project_suites_run_on_every_api_and_parallelism():
