@@ -207,14 +207,18 @@ def mixes(augment: Any) -> bool:
 
 
 def _gather(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``out[b, i, j] = images[b, rows[b, i], cols[b, j]]``."""
+    """``out[b, i, j] = images[b, rows[b, i], cols[b, j]]``; ``rows`` and ``cols`` of one row
+    are every image's (the batch size is then never read: a traced batch may be symbolic)."""
+    if len(rows) == 1:
+        return images[:, rows[0]][:, :, cols[0]]
     b = np.arange(len(images))[:, None, None]
     return images[b, rows[:, :, None], cols[:, None, :]]
 
 
 def _bilinear(images: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Crops ``boxes`` ``(B, 4)`` = ``(top, left, height, width)`` (floats, pixels) of each image
-    and resizes them to ``size`` bilinearly (half-pixel centres, no antialiasing)."""
+    (``(1, 4)``: one box for all) and resizes them to ``size`` bilinearly (half-pixel centres,
+    no antialiasing)."""
     height, width = images.shape[1:3]
 
     def axis(start, extent, out, limit):
@@ -310,17 +314,16 @@ class Pipeline:
             std = np.broadcast_to(np.asarray(options["std"], np.float32), (channels,))
             return {**batch, "image": ((images - mean) * (1 / std)).astype(np.float32)}
         if name == "resize":
-            boxes = np.tile([0.0, 0.0, height, width], (len(images), 1))
+            boxes = np.array([[0.0, 0.0, height, width]])
             return {**batch, "image": _bilinear(images, boxes, (out_h, out_w))}
         if not train:
             if name == "crop" and (out_h, out_w) != (height, width):
                 top, left = (height - out_h) // 2, (width - out_w) // 2
                 image = images[:, top : top + out_h, left : left + out_w]
-                return {**batch, "image": np.ascontiguousarray(image)}
+                return {**batch, "image": image.copy()}  # contiguous
             if name == "random_resized_crop":
                 box = _center_box(height, width, options["eval_crop"], out_w / out_h)
-                boxes = np.tile(box, (len(images), 1))
-                return {**batch, "image": _bilinear(images, boxes, (out_h, out_w))}
+                return {**batch, "image": _bilinear(images, box[None], (out_h, out_w))}
             return batch
         if name == "crop":
             pad = options["padding"]
@@ -410,7 +413,9 @@ class Pipeline:
         return batch
 
     def eval(self, batch: Batch) -> Batch:
-        """``batch`` with the deterministic ops only (normalize, resize, center crops)."""
+        """``batch`` with the deterministic ops only (normalize, resize, center crops). Its
+        images may be ``jax.Array``s too, traced ones included (any batch size): an exported
+        forward pass takes the dataset's images and applies these ops itself."""
         for i, (name, options) in enumerate(self.ops):
             batch = self._apply(i, name, options, batch, None, None, train=False)
         return batch

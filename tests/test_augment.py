@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -323,3 +324,23 @@ def test_check_config_takes_augment_as_an_optional_key():
             model_check=lambda model: None,
         )
     assert loop.OPTIONAL_KEYS["augment"] == ()
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [dict(name="normalize", mean=(0.5, 0.4, 0.3), std=0.25)],
+        [dict(name="crop", size=(6, 6)), dict(name="normalize", mean=0.5, std=0.2)],
+        [dict(name="resize", size=12)],
+        [dict(name="random_resized_crop", size=(7, 9)), dict(name="flip")],
+    ],
+)
+def test_evaluation_ops_trace_for_any_batch_size_and_match_numpy(ops):
+    pipeline = augment.create(ops, (10, 8, 3))
+    images = np.random.default_rng(0).random((5, 10, 8, 3), dtype=np.float32)
+    expected = pipeline.eval({"image": images})["image"]
+    (b,) = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((b, 10, 8, 3), np.float32)
+    exported = jax.export.export(jax.jit(lambda x: pipeline.eval({"image": x})["image"]))(spec)
+    np.testing.assert_allclose(exported.call(images), expected, rtol=1e-6, atol=1e-6)
+    assert exported.call(images[:2]).shape == (2, *pipeline.output_shape)

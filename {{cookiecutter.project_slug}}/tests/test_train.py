@@ -41,6 +41,7 @@ def test_eight_devices():
 
 def test_loss_falls_checkpoints_and_resume(tmp_path):
     config = quick.get_config()
+    config.augment = [dict(name="normalize", mean=0.2, std=0.3)]  # the export must include it
     history = train.train_and_evaluate(config, str(tmp_path))
 
     losses = [value for _, value in history["train_loss"]]
@@ -67,7 +68,8 @@ def test_loss_falls_checkpoints_and_resume(tmp_path):
     )
 
     # --mode=predict and --mode=export: the exported forward pass (jax.export, usable without
-    # this code) gives the logits the checkpoint's model gives.
+    # this code) takes the images as they are and gives the logits the checkpoint's model
+    # gives them normalized.
     images = data.load_split(config.dataset, "test")["image"][:6]
     np.save(tmp_path / "images.npy", images)
     ranked = predict.predict(config, str(tmp_path), str(tmp_path / "images.npy"), top_k=2)
@@ -77,7 +79,8 @@ def test_loss_falls_checkpoints_and_resume(tmp_path):
     assert meta["step"] == 20 and len(meta["class_names"]) == 10
     _, forward = train.trained_model(config, str(tmp_path))
     batch = images.astype(np.float32) / 255.0
-    np.testing.assert_allclose(call(batch), jax.jit(forward)(batch), rtol=1e-5, atol=1e-5)
+    normalized = (batch - 0.2) / 0.3
+    np.testing.assert_allclose(call(batch), jax.jit(forward)(normalized), rtol=1e-5, atol=1e-5)
     best = [top[0][0] for _, top in ranked]
     assert best == [meta["class_names"][i] for i in np.argmax(call(batch), axis=-1)]
 

@@ -6,7 +6,8 @@
 Both take the latest checkpoint in the workdir (or ``--step``'s), with the evaluation parameters
 (EMA ones if configured). ``PATH`` is a ``.npy``/``.npz`` file of images, an image file or a
 folder of them (``plugins.export.read_images``). The export, ``DIR/export/model.jax`` and
-``model.json``, is the forward pass serialised with ``jax.export``: load it with
+``model.json``, is the forward pass serialised with ``jax.export``, taking images as the dataset
+has them (float32 in [0, 1]; ``config.augment``'s evaluation ops run inside it): load it with
 ``plugins.export.load``, or ``jax.export.deserialize`` alone, without this project's code.
 """
 
@@ -58,13 +59,19 @@ def export_model(
 ) -> Path:
     """Exports the model of the checkpoint of ``step`` (default: the latest) with
     ``plugins.export.save`` into ``out`` (default ``<workdir>/export``); returns that folder."""
-    _, input_shape = input_pipeline.dataset_info(config, check_data=False)
+    pipeline = input_pipeline.augmentation(config)
     step, forward = train.trained_model(config, workdir, step=step)
+
+    def preprocess_and_forward(images: jax.Array) -> jax.Array:
+        # The dataset's images in [0, 1], as a user has them: evaluation's ops (normalize,
+        # resize, center crops) are part of the exported function.
+        return forward(pipeline.eval({"image": images})["image"])
+
     info: dict[str, Any] = dict(step=step, dataset=config.dataset, model=config.model.to_dict())
     return export.save(
-        forward,
+        preprocess_and_forward,
         out or Path(config_cli.workdir_path(workdir)) / "export",  # local: ~ expanded
-        input_shape=input_shape,
+        input_shape=pipeline.input_shape,
         class_names=class_names(config),
         info=info,
     )
