@@ -2,7 +2,7 @@
 
 The four variants (NNX/Linen x jit/pmap) are generated from this template with cookiecutter. In a
 fresh process per variant, the variant's own ``train_and_evaluate`` builds its train state and step
-(``build_task``, ``DataParallel.compile_train_step``), fed by its own input path
+(``create_train_state``, ``DataParallel.compile_train_step``), fed by its own input path
 (``input_pipeline.train_batches`` then ``DataParallel.train_batches``) at the default config (CNN,
 batch 128, AdamW with warmup-cosine, digits). Beside it, in the same process, runs a hand-written
 loop: the same network in plain ``jax.lax`` starting from the variant's initial parameters, the same

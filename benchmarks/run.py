@@ -102,10 +102,10 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    """Runs the chosen benchmarks (all by default) and writes docs/benchmarks.md; a run of some
-    benchmarks replaces their sections and keeps the others' (each section says when and how it
-    was measured)."""
+def main(argv: list[str], path: str | None = None) -> None:
+    """Runs the chosen benchmarks (all by default) and writes ``path`` (docs/benchmarks.md); a
+    run of some benchmarks replaces their sections and keeps the others' (each section says when
+    and how it was measured), sections written by hand first."""
     if any(arg in ("-h", "--help", "help") for arg in argv):
         print(usage())
         return
@@ -119,7 +119,9 @@ def main(argv: list[str]) -> None:
     knobs = ("BENCH_TTA_RUNS", "BENCH_RESNET_SIZES")
     settings = [f"{k}={os.environ[k]} " for k in knobs if k in os.environ]
     command = "".join(settings) + " ".join(["python -m benchmarks.run", *argv])
-    path = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
+    if path is None:
+        path = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+    path = os.path.normpath(path)
     body = _existing_sections(path)
     header = [
         "# Benchmarks",
@@ -139,7 +141,8 @@ def main(argv: list[str]) -> None:
         doc = (module.__doc__ or "").strip()
         when = f"Measured {datetime.date.today()} with `{command}` ({took:.0f} s) on {here}."
         body[name] = "\n".join(["", doc, "", table, "", when, "", ""])
-    order = [n for n in BENCHMARKS if n in body] + [n for n in body if n not in BENCHMARKS]
+    # Sections written by hand (the summary) first, then the benchmarks' in their order.
+    order = [n for n in body if n not in BENCHMARKS] + [n for n in BENCHMARKS if n in body]
     with open(path, "w") as f:
         f.write("\n".join(header) + "\n\n")
         f.write("".join(f"## {name}\n{body[name]}" for name in order).rstrip() + "\n")

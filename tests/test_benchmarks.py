@@ -214,3 +214,27 @@ def test_rendered_projects_are_deleted_when_the_process_exits():
     project = Path(out.stdout.strip().splitlines()[-1])
     assert project.name == "bench-project" and project.is_absolute()
     assert not project.parents[1].exists()  # bench_template_*/nnx-jit/bench-project
+
+
+def test_a_rerun_replaces_its_section_and_keeps_the_hand_written_ones_first(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("fake_bench")
+    fake.__doc__ = "A fake benchmark.\n\nIt measures nothing."
+    fake.run = lambda: [dict(ratio=1.5)]
+    monkeypatch.setitem(sys.modules, "fake_bench", fake)
+    monkeypatch.setattr(run, "BENCHMARKS", {"fake": "fake_bench", "other": "other_bench"})
+    monkeypatch.setattr(run, "machine", lambda: "a machine")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        "# Benchmarks\n\nintro\n\n## other\n\nkept table\n\n## fake\n\nold table\n\n"
+        "## summary\n\nwritten by hand\n"
+    )
+    run.main(["fake"], path=str(doc))
+    text = doc.read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## summary", "## fake", "## other"
+    ]  # fmt: skip
+    assert "written by hand" in text and "kept table" in text and "old table" not in text
+    assert "| 1.500 |" in text and "with `python -m benchmarks.run fake`" in text
